@@ -1,0 +1,60 @@
+"""Database engines for the catalogue: SQLite tuned for concurrent use, or any SQLAlchemy URL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+
+__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "make_engine"]
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+def make_engine(database_url: str, **kwargs: Any) -> Engine:
+    """Create a pooled engine for ``database_url``.
+
+    SQLite files get write-ahead logging, a busy timeout, foreign keys and
+    ``BEGIN IMMEDIATE`` transactions, so concurrent writers wait for each other
+    instead of failing with "database is locked". The file's directory is created.
+
+    Parameters
+    ----------
+    database_url : str
+        Any SQLAlchemy URL (``sqlite:////abs/path.db``, ``postgresql+psycopg://...``).
+    **kwargs
+        Passed to :func:`sqlalchemy.create_engine`.
+
+    Returns
+    -------
+    sqlalchemy.Engine
+    """
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True, **kwargs)
+    if url.database and url.database != ":memory:":
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def _sqlite_on_begin(connection: Any) -> None:
+    # A deferred transaction that later writes can fail at once with SQLITE_BUSY
+    # (the busy timeout does not apply to lock upgrades); taking the write lock
+    # up front makes writers queue instead.
+    connection.exec_driver_sql("BEGIN IMMEDIATE")

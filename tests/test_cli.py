@@ -1,0 +1,91 @@
+"""The ``astr`` command: run as a user would, through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def _astr(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
+    exe = shutil.which("astr", path=str(Path(sys.executable).parent)) or "astr"
+    return subprocess.run(
+        [exe, *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_help_lists_the_commands() -> None:
+    result = _astr("--help")
+    assert result.returncode == 0, result.stderr
+    for command in ("config", "store", "demo"):
+        assert command in result.stdout
+
+
+def test_config_show_json_masks_secrets(tmp_path: Path) -> None:
+    result = _astr(
+        "config",
+        "show",
+        "--json",
+        env={
+            "ASTR_API_TOKENS": "very-secret-token",
+            "ASTR_MAX_CONCURRENT_FLOWS": "6",
+            "ASTR_DATABASE_URL": "postgresql+psycopg://astr:pw123@db/astr",
+        },
+    )
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(result.stdout)
+    assert shown["max_concurrent_flows"] == 6
+    assert shown["api_tokens"] == ["****"]
+    assert "very-secret-token" not in result.stdout and "pw123" not in result.stdout
+    assert shown["home"] == os.environ["ASTR_HOME"]
+
+
+def test_invalid_setting_exits_with_a_clear_error() -> None:
+    result = _astr("config", "show", env={"ASTR_RETRY_ATTEMPTS": "lots"})
+    assert result.returncode == 2
+    assert "retry_attempts" in result.stderr and "0 to 20" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_store_init_and_status(tmp_path: Path) -> None:
+    home = Path(os.environ["ASTR_HOME"])
+    init = _astr("store", "init")
+    assert init.returncode == 0, init.stderr
+    assert (home / "catalogue.db").is_file() and (home / "artifacts").is_dir()
+    status = _astr("store", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    data = json.loads(status.stdout)
+    assert data["revision"] == data["head_revision"] is not None
+    assert data["records"]["observations"] == 0
+    assert data["storage_check"].startswith("ok")
+
+
+def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASTR_")}
+    result = subprocess.run(
+        [shutil.which("astr", path=str(Path(sys.executable).parent)) or "astr", "demo"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / ".astr" / "catalogue.db").is_file()
+    assert "Not yet available" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["config"], ["store"]])
+def test_groups_without_a_command_show_help(args: list[str]) -> None:
+    result = _astr(*args)
+    assert "Usage" in result.stdout + result.stderr
