@@ -5,6 +5,7 @@ __all__ = [
     "CatalogueError",
     "ConfigError",
     "NotFoundError",
+    "ScienceError",
     "StorageError",
     "StorageKeyError",
 ]
@@ -32,3 +33,7 @@ class CatalogueError(AstrError):
 
 class NotFoundError(CatalogueError, LookupError):
     """A catalogue record with the given id does not exist."""
+
+
+class ScienceError(AstrError):
+    """An image or a science step's input cannot be used; the message says why."""
