@@ -1,0 +1,140 @@
+"""ZOGY on analytic inputs: zero difference, recovered flux, unit-variance S_corr."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from pipeline.errors import ScienceError
+from pipeline.science.zogy import psf_to_otf_shape, torch_available, zogy
+
+
+def gaussian(size: int, fwhm: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    sigma = fwhm / 2.3548
+    y, x = np.mgrid[-(size // 2) : size // 2 + 1, -(size // 2) : size // 2 + 1]
+    g = np.exp(-((x - dx) ** 2 + (y - dy) ** 2) / (2 * sigma**2))
+    return g / g.sum()
+
+
+def add_point(image: np.ndarray, psf: np.ndarray, x: int, y: int, flux: float) -> None:
+    h = psf.shape[0] // 2
+    image[y - h : y + h + 1, x - h : x + h + 1] += flux * psf
+
+
+PN, PR = gaussian(31, 4.0), gaussian(31, 2.8)
+
+
+def test_otf_embedding_puts_the_centre_at_the_origin() -> None:
+    wrapped = psf_to_otf_shape(PN, (64, 80))
+    assert wrapped[0, 0] == pytest.approx(PN[15, 15])
+    assert wrapped[-1, 0] == pytest.approx(PN[14, 15])
+    assert wrapped.sum() == pytest.approx(1.0, rel=1e-6)
+
+
+def test_identical_images_give_zero_difference() -> None:
+    rng = np.random.default_rng(0)
+    sky = np.zeros((128, 128))
+    for _ in range(30):
+        sky[rng.integers(20, 108), rng.integers(20, 108)] += rng.uniform(100, 1e4)
+    ref = fftconvolve(sky, PR, mode="same").astype(np.float32)
+    # the new image: another PSF and half the throughput, same scene
+    new = (0.5 * fftconvolve(sky, PN, mode="same")).astype(np.float32)
+    result = zogy(new, ref, PN, PR, sigma_new=3.0, sigma_ref=2.0, flux_new=0.5)
+    scale = np.abs(new).max()
+    assert np.abs(result.D).max() < 1e-4 * scale
+    assert np.abs(result.alpha).max() < 1e-3 * 1e4
+
+
+@pytest.mark.parametrize("flux_new", [1.0, 0.6])
+def test_point_source_in_new_is_recovered_at_the_right_flux(flux_new: float) -> None:
+    new = np.zeros((160, 160), dtype=np.float32)
+    ref = np.zeros_like(new)
+    add_point(new, PN, 70, 90, 5000.0 * flux_new)  # 5000 in reference units
+    result = zogy(new, ref, PN, PR, sigma_new=5.0, sigma_ref=3.0, flux_new=flux_new)
+    assert np.unravel_index(np.argmax(result.S), result.S.shape) == (90, 70)
+    assert result.alpha[90, 70] == pytest.approx(5000.0, rel=1e-3)
+    # noise of the flux estimate: background of both images through F_S
+    assert result.alpha_err[90, 70] == pytest.approx(np.sqrt(1.0 / result.F_S), rel=1e-3)
+    assert result.S_corr[90, 70] == pytest.approx(5000.0 * np.sqrt(result.F_S), rel=1e-3)
+
+
+def test_disappearing_source_gives_negative_flux() -> None:
+    new = np.zeros((128, 128), dtype=np.float32)
+    ref = np.zeros_like(new)
+    add_point(ref, PR, 40, 60, 3000.0)
+    result = zogy(new, ref, PN, PR, sigma_new=4.0, sigma_ref=4.0)
+    assert result.alpha[60, 40] == pytest.approx(-3000.0, rel=1e-3)
+    assert result.S_corr[60, 40] < -10
+
+
+def test_scorr_has_unit_variance_on_pure_noise() -> None:
+    rng = np.random.default_rng(42)
+    new = rng.normal(0, 12.0, (512, 512)).astype(np.float32)
+    ref = rng.normal(0, 4.0, (512, 512)).astype(np.float32)
+    result = zogy(new, ref, PN, PR, sigma_new=12.0, sigma_ref=4.0, flux_new=0.9)
+    assert 0.97 < result.S_corr.std() < 1.03
+    assert abs(result.S_corr.mean()) < 0.05
+    assert 0.97 < result.D.std() < 1.03
+
+
+def test_source_noise_term_normalises_a_bright_star() -> None:
+    rng = np.random.default_rng(3)
+    n, gain, sky_sigma = 256, 1.0, 5.0
+    star = np.zeros((n, n))
+    add_point(star, PR, 128, 128, 2e5)
+    ref_model = star.astype(np.float32)
+    new_model = fftconvolve(ref_model, gaussian(31, 2.7), mode="same").astype(np.float32)
+    psf_new = fftconvolve(PR, gaussian(31, 2.7), mode="same")
+    trials = []
+    for _ in range(20):
+        var_new = sky_sigma**2 + np.clip(new_model, 0, None) / gain
+        var_ref = sky_sigma**2 + np.clip(ref_model, 0, None) / gain
+        new = (new_model + rng.normal(0, np.sqrt(var_new))).astype(np.float32)
+        ref = (ref_model + rng.normal(0, np.sqrt(var_ref))).astype(np.float32)
+        result = zogy(new, ref, psf_new, PR, sigma_new=sky_sigma, sigma_ref=sky_sigma,
+                      var_new=var_new, var_ref=var_ref)
+        trials.append(result.S_corr[118:139, 118:139])
+    core = np.stack(trials)
+    assert 0.85 < core.std() < 1.15  # without the source term it would be several
+
+
+def test_astrometric_term_absorbs_a_misregistration_dipole() -> None:
+    star = np.zeros((128, 128), dtype=np.float32)
+    add_point(star, PR, 64, 64, 1e5)
+    shifted = np.zeros_like(star)
+    h = 15
+    shifted[64 - h : 64 + h + 1, 64 - h : 64 + h + 1] += 1e5 * gaussian(31, 2.8, dx=0.1)
+    plain = zogy(shifted, star, PR, PR, sigma_new=5.0, sigma_ref=5.0)
+    corrected = zogy(shifted, star, PR, PR, sigma_new=5.0, sigma_ref=5.0,
+                     astrometric_sigma=(0.1, 0.1))
+    assert np.abs(plain.S_corr).max() > 10
+    assert np.abs(corrected.S_corr).max() < 1.5
+
+
+def test_bad_inputs_are_refused() -> None:
+    img = np.zeros((64, 64), dtype=np.float32)
+    with pytest.raises(ScienceError, match="one shape"):
+        zogy(img, np.zeros((32, 32)), PN, PR, sigma_new=1, sigma_ref=1)
+    bad = img.copy()
+    bad[3, 3] = np.nan
+    with pytest.raises(ScienceError, match="new has non-finite pixels"):
+        zogy(bad, img, PN, PR, sigma_new=1, sigma_ref=1)
+    with pytest.raises(ScienceError, match="sigma_ref must be a positive"):
+        zogy(img, img, PN, PR, sigma_new=1, sigma_ref=0)
+    with pytest.raises(ScienceError, match="odd dimensions"):
+        zogy(img, img, np.ones((4, 4)), PR, sigma_new=1, sigma_ref=1)
+    with pytest.raises(ScienceError, match="backend must be"):
+        zogy(img, img, PN, PR, sigma_new=1, sigma_ref=1, backend="jax")
+
+
+@pytest.mark.skipif(not torch_available(), reason="needs a CUDA GPU")
+def test_torch_backend_matches_numpy() -> None:
+    rng = np.random.default_rng(5)
+    new = rng.normal(0, 10, (256, 256)).astype(np.float32)
+    ref = rng.normal(0, 5, (256, 256)).astype(np.float32)
+    add_point(new, PN, 100, 120, 3000.0)
+    a = zogy(new, ref, PN, PR, sigma_new=10, sigma_ref=5, var_new=new.clip(0) + 100.0)
+    b = zogy(new, ref, PN, PR, sigma_new=10, sigma_ref=5, var_new=new.clip(0) + 100.0,
+             backend="torch")
+    np.testing.assert_allclose(a.S_corr, b.S_corr, atol=1e-3)
