@@ -2,12 +2,21 @@
 
 __all__ = [
     "AstrError",
+    "BandMismatchError",
     "CatalogueError",
     "ConfigError",
+    "EmptyImageError",
+    "FootprintError",
+    "ImageNotFoundError",
+    "ImageTooLargeError",
+    "InvalidOverrideError",
+    "NoImageError",
+    "NotFitsError",
     "NotFoundError",
     "ScienceError",
     "StorageError",
     "StorageKeyError",
+    "WCSError",
 ]
 
 
@@ -37,3 +46,39 @@ class NotFoundError(CatalogueError, LookupError):
 
 class ScienceError(AstrError):
     """An image or a science step's input cannot be used; the message says why."""
+
+
+class ImageNotFoundError(ScienceError, FileNotFoundError):
+    """An image file does not exist or cannot be opened for reading."""
+
+
+class NotFitsError(ScienceError):
+    """A file is not FITS, or is truncated or corrupt."""
+
+
+class NoImageError(ScienceError):
+    """A FITS file holds no usable 2-D image HDU (none at all, a table, or a real cube)."""
+
+
+class EmptyImageError(ScienceError):
+    """An image has no finite pixels, or every finite pixel has the same value."""
+
+
+class WCSError(ScienceError):
+    """An image has no celestial WCS, or its WCS cannot map pixels to the sky."""
+
+
+class FootprintError(ScienceError):
+    """A science image covers too little of its reference image."""
+
+
+class BandMismatchError(ScienceError):
+    """A science image and its reference were taken in different bands."""
+
+
+class ImageTooLargeError(ScienceError):
+    """An image has more pixels than the configured limit."""
+
+
+class InvalidOverrideError(ScienceError, ValueError):
+    """A header override has an unknown key or a value outside its allowed range."""

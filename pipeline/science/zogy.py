@@ -321,9 +321,7 @@ class _TorchFFT(_NumpyFFT):
 
     def _tensor(self, a: object) -> object:
         if isinstance(a, np.ndarray):
-            return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(
-                self.device
-            )
+            return self.torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(self.device)
         return a
 
     def rfft2(self, a: object) -> object:

@@ -1,0 +1,191 @@
+"""Candidates: significant peaks of S_corr, both signs, measured and flagged."""
+
+from __future__ import annotations
+
+import warnings
+from enum import IntFlag
+
+import numpy as np
+from astropy.table import Table
+from scipy import ndimage
+from scipy.spatial import cKDTree
+
+from pipeline.science.differencing import Difference
+from pipeline.science.preprocessing import MaskBit, PreprocessedPair
+
+__all__ = ["CandidateFlag", "NoDetectionsWarning", "detect_candidates", "find_peaks"]
+
+
+class NoDetectionsWarning(UserWarning):
+    """Nothing in the difference image passed the threshold."""
+
+
+class CandidateFlag(IntFlag):
+    """Why a candidate deserves caution (bits of the ``flags`` column)."""
+
+    EDGE = 1
+    MASKED = 2
+    NEAR_SATURATED = 4
+    NEAR_REFERENCE_SOURCE = 8
+    DIPOLE = 16
+
+
+def find_peaks(
+    score: np.ndarray, threshold: float, *, box: int = 5, invalid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Local extrema of ``|score|`` at or above ``threshold`` in a ``box``×``box`` window.
+
+    Returns
+    -------
+    tuple of ndarray
+        Row and column indices of the peaks, strongest first.
+    """
+    magnitude = np.abs(score)
+    peaks = (magnitude >= threshold) & (magnitude == ndimage.maximum_filter(magnitude, size=box))
+    if invalid is not None:
+        peaks &= ~invalid
+    ys, xs = np.nonzero(peaks)
+    order = np.argsort(-magnitude[ys, xs])
+    return ys[order], xs[order]
+
+
+def _subpixel(score: np.ndarray, y: int, x: int) -> tuple[float, float]:
+    """Parabolic interpolation of the peak position along each axis."""
+    ny, nx = score.shape
+    s = np.abs(score)
+
+    def offset(a: float, b: float, c: float) -> float:
+        den = a - 2 * b + c
+        return 0.0 if den >= 0 else float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
+
+    dx = offset(s[y, x - 1], s[y, x], s[y, x + 1]) if 0 < x < nx - 1 else 0.0
+    dy = offset(s[y - 1, x], s[y, x], s[y + 1, x]) if 0 < y < ny - 1 else 0.0
+    return y + dy, x + dx
+
+
+def _shape(image: np.ndarray, y: int, x: int, half: int) -> tuple[float, float]:
+    """FWHM (pixels) and elongation from second moments of the positive part near a peak."""
+    ny, nx = image.shape
+    y0, y1 = max(0, y - half), min(ny, y + half + 1)
+    x0, x1 = max(0, x - half), min(nx, x + half + 1)
+    cut = image[y0:y1, x0:x1]
+    cut = np.clip(cut * np.sign(image[y, x] or 1.0), 0, None).astype(np.float64)
+    total = cut.sum()
+    if total <= 0:
+        return float("nan"), float("nan")
+    yy, xx = np.mgrid[y0:y1, x0:x1]
+    my, mx = (cut * yy).sum() / total, (cut * xx).sum() / total
+    cyy = (cut * (yy - my) ** 2).sum() / total
+    cxx = (cut * (xx - mx) ** 2).sum() / total
+    cxy = (cut * (yy - my) * (xx - mx)).sum() / total
+    root = np.sqrt(max(((cxx - cyy) / 2) ** 2 + cxy**2, 0.0))
+    major = (cxx + cyy) / 2 + root
+    minor = max((cxx + cyy) / 2 - root, 1e-6)
+    return float(2.3548 * np.sqrt(np.sqrt(major * minor))), float(np.sqrt(major / minor))
+
+
+def detect_candidates(
+    diff: Difference,
+    pair: PreprocessedPair,
+    *,
+    threshold: float = 5.0,
+    edge: int = 10,
+) -> Table:
+    """Measure every |S_corr| peak above ``threshold`` on the reference grid.
+
+    Parameters
+    ----------
+    diff : Difference
+    pair : PreprocessedPair
+    threshold : float
+        Detection threshold on |S_corr| (σ).
+    edge : int
+        Candidates closer than this to the image border get the EDGE flag.
+
+    Returns
+    -------
+    astropy.table.Table
+        One row per candidate: candidate_id, x, y (0-based reference pixels), ra, dec (deg),
+        snr (signed S_corr), flux, flux_err (PSF flux in science ADU), sign (+1 brighter,
+        -1 fading), fwhm, elongation (of the peak in D), flags (:class:`CandidateFlag`).
+        Issues a NoDetectionsWarning when there is none.
+    """
+    fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
+    box = max(5, int(np.ceil(fwhm)) | 1)
+    ys, xs = find_peaks(diff.S_corr, threshold, box=box, invalid=diff.invalid)
+    table = _empty_table()
+    if len(ys) == 0:
+        warnings.warn(f"no S_corr peak reached {threshold}σ", NoDetectionsWarning, stacklevel=2)
+        return table
+    fine = np.array([_subpixel(diff.S_corr, y, x) for y, x in zip(ys, xs, strict=True)])
+    shapes = np.array([_shape(diff.D, y, x, box) for y, x in zip(ys, xs, strict=True)])
+    world = pair.wcs.pixel_to_world(fine[:, 1], fine[:, 0])
+    snr = diff.S_corr[ys, xs].astype(float)
+    table = Table(
+        {
+            "candidate_id": np.arange(1, len(ys) + 1),
+            "x": fine[:, 1],
+            "y": fine[:, 0],
+            "ra": world.ra.deg,
+            "dec": world.dec.deg,
+            "snr": snr,
+            "flux": diff.alpha[ys, xs].astype(float),
+            "flux_err": diff.alpha_err[ys, xs].astype(float),
+            "sign": np.sign(snr).astype(int),
+            "fwhm": shapes[:, 0],
+            "elongation": shapes[:, 1],
+            "flags": _flags(pair, fine, snr, fwhm, edge),
+        }
+    )
+    table["ra"].unit = table["dec"].unit = "deg"
+    table["x"].unit = table["y"].unit = table["fwhm"].unit = "pix"
+    return table
+
+
+def _flags(
+    pair: PreprocessedPair, yx: np.ndarray, snr: np.ndarray, fwhm: float, edge: int
+) -> np.ndarray:
+    ny, nx = pair.mask.shape
+    y, x = yx[:, 0], yx[:, 1]
+    flags = np.zeros(len(y), dtype=int)
+    flags[(x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)] |= CandidateFlag.EDGE
+    iy, ix = np.rint(y).astype(int), np.rint(x).astype(int)
+    for bits, radius, flag in (
+        (0xFF, 2.0 * fwhm, CandidateFlag.MASKED),
+        (int(MaskBit.SATURATED), 4.0 * fwhm, CandidateFlag.NEAR_SATURATED),
+    ):
+        hits = np.nonzero(pair.mask & bits)
+        if len(hits[0]):
+            tree = cKDTree(np.column_stack(hits))
+            near = tree.query(np.column_stack([iy, ix]), distance_upper_bound=radius)[0]
+            flags[np.isfinite(near)] |= flag
+    sources = pair.reference_sources
+    if len(sources):
+        tree = cKDTree(np.column_stack([sources["y"], sources["x"]]))
+        near = tree.query(yx, distance_upper_bound=1.5 * fwhm)[0]
+        flags[np.isfinite(near)] |= CandidateFlag.NEAR_REFERENCE_SOURCE
+    if len(y) > 1:
+        tree = cKDTree(yx)
+        for i, js in enumerate(tree.query_ball_point(yx, r=2.0 * fwhm)):
+            if any(np.sign(snr[j]) != np.sign(snr[i]) for j in js):
+                flags[i] |= CandidateFlag.DIPOLE
+    return flags
+
+
+def _empty_table() -> Table:
+    names = (
+        "candidate_id",
+        "x",
+        "y",
+        "ra",
+        "dec",
+        "snr",
+        "flux",
+        "flux_err",
+        "sign",
+        "fwhm",
+        "elongation",
+        "flags",
+    )
+    ints = {"candidate_id", "sign", "flags"}
+    return Table({n: np.zeros(0, dtype=int if n in ints else float) for n in names})

@@ -1,0 +1,197 @@
+"""Put the science image on the reference grid: star matching, WCS refinement, reprojection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from astropy.coordinates import SkyCoord
+from astropy.table import Table
+from astropy.wcs import WCS
+from astropy.wcs.utils import fit_wcs_from_points
+from reproject import reproject_interp
+from scipy.spatial import cKDTree
+
+from pipeline.errors import ScienceError
+
+__all__ = ["Registration", "match_points", "refine_wcs", "reproject_to"]
+
+
+@dataclass
+class Registration:
+    """How the science image's WCS was checked and refined against the reference.
+
+    Attributes
+    ----------
+    wcs : astropy.wcs.WCS
+        Science WCS to use (refined, or the header's when refinement was not needed).
+    n_matched : int
+        Stars matched between the images.
+    offset : tuple of float
+        Median (dx, dy) in reference pixels of the header WCS before refinement.
+    rms : tuple of float
+        Residual rms (x, y) in reference pixels of the bright matched stars after refinement:
+        the astrometric noise σ_x, σ_y given to ZOGY.
+    refined : bool
+        Whether the WCS was refitted.
+    """
+
+    wcs: WCS
+    n_matched: int
+    offset: tuple[float, float]
+    rms: tuple[float, float]
+    refined: bool
+
+
+def match_points(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
+    """Mutual nearest neighbours between two (N, 2) point sets within ``radius``.
+
+    Returns
+    -------
+    tuple of ndarray
+        Indices into ``a`` and ``b`` of the matched pairs.
+    """
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, dtype=int), np.zeros(0, dtype=int)
+    d_ab, i_ab = cKDTree(b).query(a, distance_upper_bound=radius)
+    _, i_ba = cKDTree(a).query(b)
+    ia = np.flatnonzero(np.isfinite(d_ab))
+    ib = i_ab[ia]
+    mutual = i_ba[ib] == ia
+    return ia[mutual], ib[mutual]
+
+
+def _vote_offset(a: np.ndarray, b: np.ndarray, search: float, bin_size: float = 1.0) -> np.ndarray:
+    """Most common displacement b - a among pairs closer than ``search`` pixels."""
+    tree = cKDTree(b)
+    pairs = tree.query_ball_point(a, r=search)
+    offsets = [b[j] - a[i] for i, js in enumerate(pairs) for j in js]
+    if not offsets:
+        return np.zeros(2)
+    d = np.asarray(offsets)
+    edges = np.arange(-search, search + bin_size, bin_size)
+    hist, ex, ey = np.histogram2d(d[:, 0], d[:, 1], bins=[edges, edges])
+    ix, iy = np.unravel_index(np.argmax(hist), hist.shape)
+    near = (np.abs(d[:, 0] - (ex[ix] + bin_size / 2)) < bin_size) & (
+        np.abs(d[:, 1] - (ey[iy] + bin_size / 2)) < bin_size
+    )
+    return np.median(d[near], axis=0)
+
+
+def refine_wcs(
+    science_wcs: WCS,
+    science_stars: Table,
+    reference_wcs: WCS,
+    reference_stars: Table,
+    *,
+    search_radius: float = 40.0,
+    match_radius: float = 1.5,
+    max_stars: int = 400,
+    min_matches: int = 8,
+) -> Registration:
+    """Check the science WCS against the reference's stars and refit it when it is off.
+
+    Science star positions are mapped through both WCSs into reference pixels; the
+    dominant offset is found by voting over all pairs within ``search_radius``, the
+    stars are matched, and a TAN WCS is fitted from the science pixels to the sky
+    positions the reference WCS gives the matched stars.
+
+    Parameters
+    ----------
+    science_wcs, reference_wcs : WCS
+    science_stars, reference_stars : Table
+        Sources with x, y, snr (brightest first), from :func:`find_sources`.
+    search_radius : float
+        Largest WCS error to recover (reference pixels).
+    match_radius : float
+        Matching tolerance after the offset is removed (pixels).
+    max_stars : int
+        Brightest stars used from each list.
+    min_matches : int
+        Fewer matches than this raise ScienceError.
+
+    Returns
+    -------
+    Registration
+    """
+    sci = science_stars[:max_stars]
+    ref = reference_stars[:max_stars]
+    sci_xy = np.column_stack([sci["x"], sci["y"]]).astype(float)
+    ref_xy = np.column_stack([ref["x"], ref["y"]]).astype(float)
+    world = science_wcs.pixel_to_world(sci_xy[:, 0], sci_xy[:, 1])
+    predicted = np.column_stack(reference_wcs.world_to_pixel(world))
+    offset = _vote_offset(predicted, ref_xy, search_radius)
+    ia, ib = match_points(predicted + offset, ref_xy, match_radius * 2)
+    if len(ia) < min_matches:
+        raise ScienceError(
+            f"only {len(ia)} stars matched between science and reference (need {min_matches}): "
+            "the WCS may be off by more than the search radius "
+            f"({search_radius} px) or the images do not overlap"
+        )
+    wcs = _fit_tan(sci_xy[ia], reference_wcs, ref_xy[ib], science_wcs)
+    for _ in range(2):  # rematch with the refined solution, tighter
+        predicted = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*sci_xy.T)))
+        ia, ib = match_points(predicted, ref_xy, match_radius)
+        if len(ia) < min_matches:
+            raise ScienceError(f"only {len(ia)} stars matched after refining the WCS")
+        wcs = _fit_tan(sci_xy[ia], reference_wcs, ref_xy[ib], science_wcs)
+    predicted = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*sci_xy[ia].T)))
+    residual = predicted - ref_xy[ib]
+    bright = (np.asarray(sci["snr"])[ia] > 50) & (np.asarray(ref["snr"])[ib] > 50)
+    use = residual[bright] if bright.sum() >= 5 else residual
+    rms = 1.4826 * np.median(np.abs(use - np.median(use, axis=0)), axis=0)
+    return Registration(
+        wcs=wcs,
+        n_matched=len(ia),
+        offset=(float(offset[0]), float(offset[1])),
+        rms=(float(rms[0]), float(rms[1])),
+        refined=True,
+    )
+
+
+def _fit_tan(sci_xy: np.ndarray, reference_wcs: WCS, ref_xy: np.ndarray, start: WCS) -> WCS:
+    """TAN WCS mapping science pixels to the sky positions of their reference matches."""
+    sky = reference_wcs.pixel_to_world(ref_xy[:, 0], ref_xy[:, 1])
+    sky = SkyCoord(sky.ra, sky.dec, frame=sky.frame)
+    return fit_wcs_from_points((sci_xy[:, 0], sci_xy[:, 1]), sky, projection="TAN")
+
+
+def reproject_to(
+    data: np.ndarray,
+    wcs: WCS,
+    target_wcs: WCS,
+    shape: tuple[int, int],
+    *,
+    order: str = "bicubic",
+) -> tuple[np.ndarray, np.ndarray]:
+    """Resample an image onto another grid with ``reproject``.
+
+    Parameters
+    ----------
+    data : 2D ndarray
+        Image to resample (NaN where invalid).
+    wcs : WCS
+        Its celestial WCS.
+    target_wcs : WCS
+        WCS of the output grid.
+    shape : tuple of int
+        (ny, nx) of the output grid.
+    order : str
+        Interpolation order for :func:`reproject.reproject_interp`.
+
+    Returns
+    -------
+    resampled : 2D ndarray of float32
+        NaN where the input does not cover the output.
+    footprint : 2D ndarray of bool
+        Where the output has valid data.
+    """
+    out, footprint = reproject_interp(
+        (np.asarray(data, dtype=np.float64), wcs),
+        target_wcs,
+        shape_out=shape,
+        order=order,
+        roundtrip_coords=False,
+    )
+    valid = (footprint > 0) & np.isfinite(out)
+    return np.where(valid, out, np.nan).astype(np.float32), valid
