@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from astropy.table import Table
 
 from pipeline.science.masks import grow
 from pipeline.science.preprocessing import PreprocessedPair
@@ -34,6 +35,9 @@ class Difference:
         has been divided by it when ``renormalise`` was asked.
     backend : str
         Where the transforms ran.
+    flux_floor : float
+        Fractional flux error of static sources measured at the reference stars and
+        added to the variance of S (PSF and flux-scale systematics).
     seconds : float
         Wall time of the differencing.
     """
@@ -48,6 +52,7 @@ class Difference:
     invalid: np.ndarray
     scorr_scale: float
     backend: str
+    flux_floor: float = 0.0
     seconds: float = 0.0
     tiles: list[tuple[int, int]] = field(default_factory=list)
 
@@ -89,6 +94,7 @@ def difference_pair(
     flux_floor: bool = True,
     renormalise: bool = True,
     mask_growth: float = 1.5,
+    tile_size: int = 256,
 ) -> Difference:
     """Run ZOGY on each PSF tile of a preprocessed pair and stitch the products.
 
@@ -102,13 +108,18 @@ def difference_pair(
     astrometric_noise : bool
         Include the registration error (from the matched stars) in V_S.
     flux_floor : bool
-        Include the measured fractional flux scatter of stars in V_S.
+        Measure the residuals that PSF and flux-scale errors leave at bright stars and
+        add the matching fractional flux error to V_S, so static sources are not
+        significant; transients on bright hosts lose some significance in exchange.
     renormalise : bool
         Divide S_corr by its robust standard deviation on valid pixels. Resampling
         correlates the science image's noise, which the white-noise model of ZOGY does
         not know; the measured scale restores unit variance.
     mask_growth : float
         Masked pixels invalidate scores within this many FWHM.
+    tile_size : int
+        Approximate tile side (pixels); each tile gets the PSFs at its centre. Tiles
+        are used only where the PSF model varies across the field.
 
     Returns
     -------
@@ -116,12 +127,18 @@ def difference_pair(
     """
     start = time.perf_counter()
     shape = pair.science.shape
-    grid = pair.psf_science.grid
+    varies = pair.psf_science.degree > 0 or pair.psf_reference.degree > 0
+    grid = (
+        (max(1, round(shape[0] / tile_size)), max(1, round(shape[1] / tile_size)))
+        if varies
+        else (1, 1)
+    )
     margin = pair.psf_science.size * 2
     reg = pair.registration
     sigma_ast = reg.rms if (astrometric_noise and reg is not None and reg.refined) else (0.0, 0.0)
     ratio = pair.flux.ratio
-    outputs = {k: np.zeros(shape, dtype=np.float32) for k in ("D", "S", "S_corr", "alpha", "err")}
+    keys = ("D", "S", "V", "S_N", "S_R", "alpha", "err")
+    outputs = {k: np.zeros(shape, dtype=np.float32) for k in keys}
     centre_tile = (grid[0] // 2, grid[1] // 2)
     p_d, f_d, used_backend = None, 1.0, backend
     slices = tile_slices(shape, grid, margin)
@@ -141,12 +158,13 @@ def difference_pair(
             var_new=pair.science_var[padded] if source_noise else None,
             var_ref=pair.reference_var[padded] if source_noise else None,
             astrometric_sigma=sigma_ast,
-            flux_error_fraction=pair.flux.scatter if flux_floor else 0.0,
             backend=backend,
         )
         outputs["D"][own] = result.D[inner]
         outputs["S"][own] = result.S[inner]
-        outputs["S_corr"][own] = result.S_corr[inner]
+        outputs["V"][own] = result.V_S[inner]
+        outputs["S_N"][own] = result.S_N[inner]
+        outputs["S_R"][own] = result.S_R[inner]
         # alpha is in reference units; report science ADU, as fakes are injected there
         outputs["alpha"][own] = ratio * result.alpha[inner]
         outputs["err"][own] = ratio * result.alpha_err[inner]
@@ -159,6 +177,13 @@ def difference_pair(
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
     invalid = grow(pair.mask > 0, int(np.ceil(mask_growth * fwhm)))
     invalid |= _edge(shape, int(np.ceil(fwhm)))
+    floor = (
+        calibrate_flux_floor(outputs, pair.reference_sources, invalid, fwhm) if flux_floor else 0.0
+    )
+    systematic = floor**2 * (outputs["S_N"] ** 2 + outputs["S_R"] ** 2)
+    inflation = np.sqrt(1.0 + systematic / outputs["V"])
+    outputs["S_corr"] = outputs["S"] / np.sqrt(outputs["V"] + systematic)
+    outputs["err"] *= inflation
     scale = _robust_std(outputs["S_corr"][~invalid]) if renormalise else 1.0
     if renormalise and scale > 0:
         outputs["S_corr"] /= scale
@@ -175,10 +200,59 @@ def difference_pair(
         F_D=float(f_d),
         invalid=invalid,
         scorr_scale=float(scale),
+        flux_floor=float(floor),
         backend=used_backend,
         seconds=time.perf_counter() - start,
         tiles=[(int(s[1][0].start), int(s[1][1].start)) for s in slices],
     )
+
+
+def calibrate_flux_floor(
+    maps: dict[str, np.ndarray], sources: Table, invalid: np.ndarray, fwhm: float
+) -> float:
+    """Fractional flux error f that makes S_corr unit-variance at bright static sources.
+
+    For each bright, unmasked reference source, the excess of S² over its variance V
+    in a window of one FWHM is compared with S_N² + S_R²; f² is the upper quartile of
+    that ratio (robust to the odd real variable among them).
+
+    Parameters
+    ----------
+    maps : dict
+        ``S``, ``V``, ``S_N`` and ``S_R`` maps.
+    sources : Table
+        Reference sources with x, y.
+    invalid : 2D ndarray of bool
+        Pixels to ignore.
+    fwhm : float
+        Window radius in pixels.
+
+    Returns
+    -------
+    float
+        f (0 when no source is bright enough to tell).
+    """
+    half = max(1, int(np.ceil(fwhm)))
+    ny, nx = invalid.shape
+    ratios = []
+    for x, y in zip(np.asarray(sources["x"]), np.asarray(sources["y"]), strict=True):
+        ix, iy = int(np.rint(x)), int(np.rint(y))
+        if not (half <= ix < nx - half and half <= iy < ny - half):
+            continue
+        window = (slice(iy - half, iy + half + 1), slice(ix - half, ix + half + 1))
+        if invalid[window].any():
+            continue
+        signal = maps["S_N"][window] ** 2 + maps["S_R"][window] ** 2
+        variance = maps["V"][window]
+        if signal.sum() < 400.0 * variance.sum():  # static S/N below ~20: noise-dominated
+            continue
+        excess = (maps["S"][window] ** 2).sum() - variance.sum()
+        ratios.append(excess / signal.sum())
+    if len(ratios) < 3:
+        return 0.0
+    # the upper quartile, not the median: residuals vary from star to star (PSF changes
+    # across the field, sub-pixel phase) and the floor must cover most of them
+    return float(np.sqrt(max(np.quantile(ratios, 0.75), 0.0)))
 
 
 def _edge(shape: tuple[int, int], width: int) -> np.ndarray:

@@ -21,11 +21,14 @@ def grow(mask: np.ndarray, radius: int) -> np.ndarray:
     return ndimage.binary_dilation(mask, structure=(x * x + y * y) <= radius * radius)
 
 
-def saturation_mask(data: np.ndarray, saturation: float, *, radius: int = 2) -> np.ndarray:
-    """Pixels at or near saturation, with their bleed trails, grown by ``radius``.
+def saturation_mask(
+    data: np.ndarray, saturation: float, *, radius: int = 3, scale: float = 1.0
+) -> np.ndarray:
+    """Saturated pixels and bleed trails, each blob grown with its size.
 
-    Bleed trails are runs of saturated pixels along columns, so they are caught by
-    the same level test; growing covers the non-linear pixels around them.
+    A saturated star's unknown flux leaves residuals in its wings far beyond its
+    saturated core, the farther the brighter it is; so each blob of saturated pixels
+    is grown by ``radius + scale·width`` pixels, its width measured across columns.
 
     Parameters
     ----------
@@ -34,7 +37,9 @@ def saturation_mask(data: np.ndarray, saturation: float, *, radius: int = 2) -> 
     saturation : float
         Saturation level in ADU; pixels above 98% of it count.
     radius : int
-        Growth radius in pixels.
+        Growth of a single saturated pixel.
+    scale : float
+        Extra growth per pixel of the blob's width.
 
     Returns
     -------
@@ -44,50 +49,75 @@ def saturation_mask(data: np.ndarray, saturation: float, *, radius: int = 2) -> 
         return np.zeros(data.shape, dtype=bool)
     with np.errstate(invalid="ignore"):
         hit = data >= 0.98 * saturation
-    return grow(hit, radius)
+    if not hit.any():
+        return hit
+    labels, count = ndimage.label(hit)
+    # size of each blob across the columns: bleed trails run along columns, so the
+    # width, not the area, tracks how bright (and how wide-winged) the star is
+    widths = np.zeros(count + 1)
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        widths[index] = box[1].stop - box[1].start
+    reach = radius + scale * widths
+    distance, (iy, ix) = ndimage.distance_transform_edt(~hit, return_indices=True)
+    return distance <= reach[labels[iy, ix]]
 
 
 def bad_column_mask(
-    data: np.ndarray, rms: np.ndarray | float, *, nsigma: float = 8.0, min_length: int = 16
+    data: np.ndarray,
+    rms: np.ndarray | float,
+    *,
+    nsigma: float = 4.0,
+    min_length: int = 16,
+    fraction: float = 0.8,
 ) -> np.ndarray:
-    """Columns (or stretches of them) whose level departs from both neighbours.
+    """Stretches of columns that sit apart from both neighbouring columns.
 
-    A stretch of at least ``min_length`` pixels where a column differs from the
-    median of its two neighbouring columns by more than ``nsigma`` times the noise
-    divided by sqrt(min_length) along the whole stretch: hot, dead or offset columns.
+    A pixel belongs to a bad column when, over a vertical window of ``min_length``
+    pixels around it, at least ``fraction`` of the pixels differ from the mean of
+    their left and right neighbours by more than ``nsigma`` times the noise, all with
+    the same sign: hot, dead or offset columns. A star deviates over only about two
+    FWHM of rows, so it never fills the window.
 
     Parameters
     ----------
     data : 2D ndarray
-        Image (ADU), background included.
+        Background-subtracted image (ADU).
     rms : 2D ndarray or float
         Background noise (ADU).
     nsigma : float
-        Threshold on the stretch-averaged deviation.
+        Per-pixel deviation threshold.
     min_length : int
-        Shortest stretch (pixels) flagged.
+        Window length (pixels) along the column.
+    fraction : float
+        Share of the window that must deviate.
 
     Returns
     -------
     2D ndarray of bool
     """
     image = np.nan_to_num(np.asarray(data, dtype=np.float32))
-    left = np.roll(image, 1, axis=1)
-    right = np.roll(image, -1, axis=1)
-    neighbours = 0.5 * (left + right)
-    deviation = image - neighbours
-    # average along the column over min_length pixels: stars are round and average out
-    smooth = ndimage.uniform_filter1d(deviation, size=min_length, axis=0)
-    noise = np.asarray(rms, dtype=np.float32) * np.sqrt(1.5 / min_length)
-    # a star's core also deviates from its neighbouring columns: require that the
-    # deviation is not explained by a 2-D source (the neighbours' own contrast)
-    contrast = np.abs(left - right)
-    smooth_contrast = ndimage.uniform_filter1d(contrast, size=min_length, axis=0)
-    hit = (np.abs(smooth) > nsigma * noise) & (np.abs(smooth) > 2.0 * smooth_contrast)
+    neighbours = 0.5 * (np.roll(image, 1, axis=1) + np.roll(image, -1, axis=1))
+    deviation = (image - neighbours) / (np.asarray(rms, dtype=np.float32) * np.sqrt(1.5))
+    # a lone column deviates one way and pulls both neighbours' deviations the other way;
+    # the smooth wings of a bright star push neighbouring columns the same way
+    left, right = np.roll(deviation, 1, axis=1), np.roll(deviation, -1, axis=1)
+    hit = np.zeros(image.shape, dtype=bool)
+    for sign in (1.0, -1.0):
+        lone = (sign * deviation > nsigma) & (sign * left < 0) & (sign * right < 0)
+        share = ndimage.uniform_filter1d(lone.astype(np.float32), size=min_length, axis=0)
+        core = share >= fraction
+        # extend each qualifying window over its full length
+        hit |= ndimage.maximum_filter1d(core, size=min_length, axis=0) & (sign * deviation > 0)
     hit[:, 0] = hit[:, -1] = False
-    # keep only vertical runs at least min_length long
-    opened = ndimage.binary_opening(hit, structure=np.ones((min_length, 1), dtype=bool))
-    return ndimage.binary_dilation(opened, structure=np.ones((3, 3), dtype=bool))
+    return ndimage.binary_dilation(hit, structure=np.ones((3, 3), dtype=bool))
+
+
+def _gather(image: np.ndarray, ys: np.ndarray, xs: np.ndarray, half: int) -> np.ndarray:
+    """Values of the (2·half+1)² neighbourhood of each pixel, edge-clamped: shape (n, k)."""
+    dy, dx = np.mgrid[-half : half + 1, -half : half + 1]
+    yy = np.clip(ys[:, None] + dy.ravel()[None, :], 0, image.shape[0] - 1)
+    xx = np.clip(xs[:, None] + dx.ravel()[None, :], 0, image.shape[1] - 1)
+    return image[yy, xx]
 
 
 def cosmic_ray_mask(
@@ -104,8 +134,10 @@ def cosmic_ray_mask(
 
     A pixel is a hit when it exceeds its 3×3 median by ``nsigma`` times its noise and
     that excess is ``contrast`` times larger than the image's fine structure there
-    (the 3×3 median minus its 7×7 median), which a PSF wider than ~2 px never reaches.
-    Neighbours above ``neighbour_sigma`` join the hit, then the mask grows by one pixel.
+    (the 3×3 median minus the median of the 3×3 medians around it), which a PSF wider
+    than ~2 px never reaches. Neighbours above ``neighbour_sigma`` join the hit, then
+    the mask grows by one pixel. The medians are computed only where a pixel stands
+    out from the mean of its neighbours, so the cost is that of a few linear filters.
 
     Parameters
     ----------
@@ -123,15 +155,34 @@ def cosmic_ray_mask(
     2D ndarray of bool
     """
     image = np.nan_to_num(np.asarray(data, dtype=np.float32))
-    signal = np.clip(image - background, 0, None)
-    noise = np.sqrt(np.asarray(rms, dtype=np.float32) ** 2 + signal / gain)
-    med3 = ndimage.median_filter(image, size=3)
-    excess = (image - med3) / noise
-    fine = np.clip(med3 - ndimage.median_filter(med3, size=7), 0, None)
-    sharp = (image - med3) > contrast * np.maximum(fine, 0.5 * noise)
-    hits = (excess > nsigma) & sharp
+    rms_map = np.broadcast_to(np.asarray(rms, dtype=np.float32), image.shape)
+    bkg_map = np.broadcast_to(np.asarray(background, dtype=np.float32), image.shape)
+    noise = np.sqrt(rms_map**2 + np.clip(image - bkg_map, 0, None) / gain)
+    # the 3×3 median is never above the mean of the 8 neighbours by much, so a pixel
+    # that does not beat that mean by nsigma·noise cannot beat the median either
+    mean8 = (ndimage.uniform_filter(image, size=3) * 9 - image) / 8
+    local_max = image >= ndimage.maximum_filter(image, size=3)
+    ys, xs = np.nonzero(local_max & (image - mean8 > 0.5 * nsigma * noise))
+    hits = np.zeros(image.shape, dtype=bool)
+    if len(ys) == 0:
+        return hits
+    med3 = np.median(_gather(image, ys, xs, 1), axis=1)
+    excess = (image[ys, xs] - med3) / noise[ys, xs]
+    # fine structure (L.A.Cosmic's F): the 3×3 median here minus the 7×7 median of the
+    # 3×3-median image around it; computed from the 9×9 window of each candidate
+    window = _gather(image, ys, xs, 4).reshape(-1, 9, 9)
+    blocks = np.lib.stride_tricks.sliding_window_view(window, (3, 3), axis=(1, 2))
+    med3_around = np.median(blocks.reshape(len(ys), 49, 9), axis=2)
+    fine = np.clip(med3 - np.median(med3_around, axis=1), 0, None)
+    sharp = (image[ys, xs] - med3) > contrast * np.maximum(fine, 0.5 * noise[ys, xs])
+    keep = (excess > nsigma) & sharp
+    hits[ys[keep], xs[keep]] = True
     if not hits.any():
         return hits
-    near = ndimage.binary_dilation(hits, structure=np.ones((3, 3), dtype=bool))
-    hits |= near & (excess > neighbour_sigma)
+    # grow into neighbours that stand out from their own surroundings
+    near = ndimage.binary_dilation(hits, structure=np.ones((3, 3), dtype=bool)) & ~hits
+    ny, nx = np.nonzero(near)
+    nmed = np.median(_gather(image, ny, nx, 1), axis=1)
+    grown = (image[ny, nx] - nmed) / noise[ny, nx] > neighbour_sigma
+    hits[ny[grown], nx[grown]] = True
     return ndimage.binary_dilation(hits, structure=np.ones((3, 3), dtype=bool))

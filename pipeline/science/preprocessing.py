@@ -11,14 +11,13 @@ import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
 
-from pipeline.errors import ScienceError
 from pipeline.science.background import estimate_background
 from pipeline.science.image import Image
 from pipeline.science.masks import bad_column_mask, cosmic_ray_mask, grow, saturation_mask
 from pipeline.science.photometry import FluxScale, flux_scale
 from pipeline.science.psf import PSFModel, build_psf
-from pipeline.science.registration import Registration, match_points, refine_wcs, reproject_to
-from pipeline.science.sources import find_sources, select_stars
+from pipeline.science.registration import Registration, match_points, refine_wcs, resample
+from pipeline.science.sources import find_sources, select_stars, source_footprints
 
 __all__ = ["MaskBit", "PreprocessedPair", "preprocess_pair"]
 
@@ -82,12 +81,14 @@ class PreprocessedPair:
             "shape": list(self.science.shape),
             "fwhm_science": self.psf_science.fwhm,
             "fwhm_reference": self.psf_reference.fwhm,
-            "psf_tiles": list(self.psf_science.grid),
+            "psf_degree": [self.psf_science.degree, self.psf_reference.degree],
+            "psf_stars": [self.psf_science.n_stars, self.psf_reference.n_stars],
             "sigma_science": float(np.median(self.science_rms)),
             "sigma_reference": float(np.median(self.reference_rms)),
             "flux_ratio": self.flux.ratio,
             "flux_ratio_error": self.flux.error,
             "flux_scatter": self.flux.scatter,
+            "psf_model_error": [self.psf_science.model_error, self.psf_reference.model_error],
             "flux_stars": self.flux.n_stars,
             "registered": reg is not None,
             "astrometric_rms": list(reg.rms) if reg else [0.0, 0.0],
@@ -103,7 +104,7 @@ def _image_masks(image: Image, background: np.ndarray, rms: np.ndarray, cosmic: 
     data = image.data
     masks = {
         MaskBit.NO_DATA: ~np.isfinite(data),
-        MaskBit.SATURATED: saturation_mask(data, image.saturation, radius=3),
+        MaskBit.SATURATED: saturation_mask(data, image.saturation),
         MaskBit.BAD_COLUMN: bad_column_mask(data - background, rms),
     }
     if image.mask is not None:
@@ -121,8 +122,38 @@ def _combine_bits(masks: dict) -> np.ndarray:
 
 
 def _subtract_background(image: Image, mask: np.ndarray, box: int) -> tuple[np.ndarray, Any]:
-    bkg = estimate_background(image.data, mask, box=box)
+    """Background from pixels free of sources, including the faint wings of bright ones.
+
+    A first estimate finds the sources; their footprints down to 1.5σ, grown, are then
+    left out, so the wings of bright stars and galaxies do not raise the background
+    around them (which would carve dark rings that differ between the two epochs).
+    """
+    first = estimate_background(image.data, mask, box=box)
+    residual = np.nan_to_num(image.data - first.level).astype(np.float32)
+    footprints = source_footprints(residual, first.rms, mask)
+    bkg = estimate_background(image.data, mask | footprints, box=box)
     return (image.data - bkg.level).astype(np.float32), bkg
+
+
+def _science_stars(
+    sources: Table, reference_stars: Table, shape: tuple[int, int], saturation: float
+) -> Table:
+    """PSF stars of the science image: the reference's point sources, where usable.
+
+    The reference is usually deeper and sharper, so its stellar locus separates stars
+    from compact galaxies far better than the science image's own; the same objects
+    are then taken in the science image if they pass its brightness and isolation cuts.
+    """
+    own = select_stars(sources, shape, saturation_level=saturation)
+    usable = select_stars(sources, shape, saturation_level=saturation, locus=False)
+    if len(reference_stars) == 0 or len(usable) == 0:
+        return own
+    ia, _ = match_points(
+        np.column_stack([usable["x"], usable["y"]]),
+        np.column_stack([reference_stars["x"], reference_stars["y"]]),
+        1.5,
+    )
+    return usable[ia] if len(ia) >= max(5, len(own) // 2) else own
 
 
 def _same_grid(wcs_a: WCS, wcs_b: WCS, shape: tuple[int, int], tolerance: float = 0.02) -> bool:
@@ -157,7 +188,7 @@ def preprocess_pair(
     refine: bool = True,
     background_box: int = 64,
     cosmic_rays: bool = True,
-    psf_tiles: tuple[int, int] | None = None,
+    psf_degree: int | None = None,
     flux_ratio: float | None = None,
 ) -> PreprocessedPair:
     """Background-subtract, mask, register and characterise a science/reference pair.
@@ -173,8 +204,9 @@ def preprocess_pair(
         Background mesh size (pixels).
     cosmic_rays : bool
         Detect and mask cosmic-ray hits.
-    psf_tiles : tuple of int, optional
-        PSF tile grid (default: chosen from the number of stars).
+    psf_degree : int, optional
+        Degree of the PSF's polynomial variation across the field (default: from the
+        number of stars).
     flux_ratio : float, optional
         Known science/reference flux ratio (default: measured on matched stars).
 
@@ -203,14 +235,17 @@ def preprocess_pair(
         raw_bits[role], subtracted[role], rms_maps[role] = bits, data, bkg.rms
     lap("masks_background")
 
-    ref_sources = find_sources(subtracted["reference"], rms_maps["reference"],
-                               raw_bits["reference"] > 0)  # fmt: skip
+    ref_sources = find_sources(
+        subtracted["reference"], rms_maps["reference"], raw_bits["reference"] > 0
+    )
     registration = None
+    sci_noise = None
     if _same_grid(science.wcs, reference.wcs, shape) and science.shape == shape and not refine:
         sci_data, sci_bits = subtracted["science"], raw_bits["science"]
     else:
-        sci_sources_raw = find_sources(subtracted["science"], rms_maps["science"],
-                                       raw_bits["science"] > 0)  # fmt: skip
+        sci_sources_raw = find_sources(
+            subtracted["science"], rms_maps["science"], raw_bits["science"] > 0
+        )
         registration = refine_wcs(science.wcs, sci_sources_raw, reference.wcs, ref_sources)
         if science.shape == shape and _same_grid(registration.wcs, reference.wcs, shape, 0.05):
             sci_data, sci_bits = subtracted["science"], raw_bits["science"]
@@ -218,7 +253,12 @@ def preprocess_pair(
         else:
             # zero, not NaN: the spline prefilter would spread a NaN along whole rows
             filled = np.where(raw_bits["science"] > 0, 0.0, subtracted["science"])
-            sci_data, valid = reproject_to(filled, registration.wcs, reference.wcs, shape)
+            sci_data, valid = resample(filled, registration.wcs, reference.wcs, shape, order=5)
+            # resampling lowers the pixel noise but not the noise on PSF scales that the
+            # matched filter sees: keep the original noise level for ZOGY's whitening
+            sci_noise, _ = resample(
+                rms_maps["science"], registration.wcs, reference.wcs, shape, order=1
+            )
             sci_bits = _map_mask_bits(raw_bits["science"], registration.wcs, reference.wcs, shape)
             sci_bits[~valid & (sci_bits == 0)] |= np.uint8(MaskBit.NO_DATA)
     lap("registration")
@@ -233,18 +273,17 @@ def preprocess_pair(
     ref_residual = estimate_background(ref, bad, box=background_box)
     ref = np.where(bad, 0.0, ref - ref_residual.level).astype(np.float32)
     sci_rms, ref_rms = residual.rms, ref_residual.rms
+    if sci_noise is not None:
+        sci_rms = np.where(np.isfinite(sci_noise), sci_noise, residual.rms).astype(np.float32)
     lap("grid_background")
 
     sci_sources = find_sources(sci, sci_rms, bad)
     saturation_sci = science.saturation - float(np.nanmedian(science.data))
     saturation_ref = reference.saturation - float(np.nanmedian(reference.data))
-    stars_sci = select_stars(sci_sources, shape, saturation_level=saturation_sci)
     stars_ref = select_stars(ref_sources, shape, saturation_level=saturation_ref)
-    psf_sci = build_psf(sci, stars_sci, tiles=psf_tiles, mask=bad)
-    size = psf_sci.size
-    psf_ref = build_psf(ref, stars_ref, size=size, tiles=psf_tiles or psf_sci.grid, mask=bad)
-    if psf_ref.grid != psf_sci.grid:  # pragma: no cover - both follow psf_tiles
-        raise ScienceError("science and reference PSF tile grids differ")
+    stars_sci = _science_stars(sci_sources, stars_ref, shape, saturation_sci)
+    psf_sci = build_psf(sci, stars_sci, mask=bad, degree=psf_degree)
+    psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=bad, degree=psf_degree)
     lap("psf")
 
     if flux_ratio is None:
@@ -255,8 +294,16 @@ def preprocess_pair(
         )
         use = stars_sci[ia] if len(ia) >= 3 else ref_sources
         radius = 3.0 * max(psf_sci.fwhm, psf_ref.fwhm)
-        scale = flux_scale(sci, ref, np.asarray(use["x"]), np.asarray(use["y"]), radius=radius,
-                           rms_science=sci_rms, rms_reference=ref_rms, mask=bad)  # fmt: skip
+        scale = flux_scale(
+            sci,
+            ref,
+            np.asarray(use["x"]),
+            np.asarray(use["y"]),
+            radius=radius,
+            rms_science=sci_rms,
+            rms_reference=ref_rms,
+            mask=bad,
+        )
     else:
         scale = FluxScale(ratio=float(flux_ratio), error=0.0, scatter=0.0, n_stars=0)
     lap("flux_scale")

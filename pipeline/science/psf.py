@@ -1,4 +1,4 @@
-"""Empirical PSFs from an image's own stars, per tile to follow spatial variation."""
+"""Empirical PSFs from an image's own stars, varying smoothly across the field."""
 
 from __future__ import annotations
 
@@ -15,49 +15,43 @@ __all__ = ["PSFModel", "build_psf", "measure_fwhm", "psf_stamp_size"]
 
 @dataclass
 class PSFModel:
-    """PSF stamps on a grid of tiles.
+    """A PSF whose every pixel is a polynomial in the position on the image.
 
     Attributes
     ----------
-    stamps : 4D ndarray of float32, shape (ny_tiles, nx_tiles, size, size)
-        Centred PSF of each tile, each summing to 1.
+    basis : 3D ndarray of float32, shape (n_terms, size, size)
+        Stamps multiplying the terms 1, u, v, u², uv, v² (as many as the degree needs),
+        where u, v run from -1 to 1 across the image.
     shape : tuple of int
         (ny, nx) of the image the model describes.
-    n_stars : 2D ndarray of int
-        Stars used per tile (0 where the tile fell back to the global PSF).
+    n_stars : int
+        Stars used.
     fwhm : float
-        FWHM of the global PSF in pixels.
+        FWHM at the image centre in pixels.
+    model_error : float
+        Fractional error of the model beyond noise (see :func:`build_psf`).
     """
 
-    stamps: np.ndarray
+    basis: np.ndarray
     shape: tuple[int, int]
-    n_stars: np.ndarray
+    n_stars: int
     fwhm: float
+    model_error: float = 0.0
 
     @property
     def size(self) -> int:
         """Stamp size in pixels (odd)."""
-        return int(self.stamps.shape[-1])
+        return int(self.basis.shape[-1])
 
     @property
-    def grid(self) -> tuple[int, int]:
-        """(ny_tiles, nx_tiles)."""
-        return int(self.stamps.shape[0]), int(self.stamps.shape[1])
+    def degree(self) -> int:
+        """Polynomial degree of the spatial variation (0, 1 or 2)."""
+        return {1: 0, 3: 1, 6: 2}[int(self.basis.shape[0])]
 
     def at(self, x: float, y: float) -> np.ndarray:
-        """PSF at pixel (x, y): bilinear interpolation between tile centres."""
-        ty, tx = self.grid
-        fy = np.clip((y + 0.5) / self.shape[0] * ty - 0.5, 0, ty - 1)
-        fx = np.clip((x + 0.5) / self.shape[1] * tx - 0.5, 0, tx - 1)
-        y0, x0 = int(np.floor(fy)), int(np.floor(fx))
-        y1, x1 = min(y0 + 1, ty - 1), min(x0 + 1, tx - 1)
-        wy, wx = fy - y0, fx - x0
-        stamp = (
-            (1 - wy) * (1 - wx) * self.stamps[y0, x0]
-            + (1 - wy) * wx * self.stamps[y0, x1]
-            + wy * (1 - wx) * self.stamps[y1, x0]
-            + wy * wx * self.stamps[y1, x1]
-        )
+        """PSF stamp at pixel (x, y), normalised to sum 1."""
+        terms = _terms(np.atleast_1d(float(x)), np.atleast_1d(float(y)), self.shape, self.degree)
+        stamp = np.tensordot(terms[0], self.basis, axes=1)
         return (stamp / stamp.sum()).astype(np.float32)
 
     @property
@@ -66,9 +60,21 @@ class PSFModel:
         return self.at((self.shape[1] - 1) / 2, (self.shape[0] - 1) / 2)
 
 
-def psf_stamp_size(fwhm: float, *, minimum: int = 15, maximum: int = 51) -> int:
-    """Odd stamp size that holds a PSF's wings: about five FWHM."""
-    size = int(np.ceil(5.0 * fwhm)) | 1
+def _terms(x: np.ndarray, y: np.ndarray, shape: tuple[int, int], degree: int) -> np.ndarray:
+    """Polynomial terms (n, n_terms) of positions scaled to [-1, 1]."""
+    u = 2.0 * x / max(shape[1] - 1, 1) - 1.0
+    v = 2.0 * y / max(shape[0] - 1, 1) - 1.0
+    columns = [np.ones_like(u)]
+    if degree >= 1:
+        columns += [u, v]
+    if degree >= 2:
+        columns += [u * u, u * v, v * v]
+    return np.column_stack(columns)
+
+
+def psf_stamp_size(fwhm: float, *, minimum: int = 15, maximum: int = 81) -> int:
+    """Odd stamp size that holds a PSF's wings: about ten FWHM."""
+    size = int(np.ceil(10.0 * fwhm)) | 1
     return int(np.clip(size, minimum | 1, maximum | 1))
 
 
@@ -88,11 +94,13 @@ def build_psf(
     stars: Table,
     *,
     size: int | None = None,
-    tiles: tuple[int, int] | None = None,
-    min_stars_per_tile: int = 12,
+    degree: int | None = None,
     mask: np.ndarray | None = None,
 ) -> PSFModel:
-    """Stack recentred, normalised star stamps into a PSF per tile.
+    """Fit a spatially varying PSF to recentred, normalised star stamps.
+
+    Every stamp pixel is fitted as a polynomial of the star position (degree 0, 1 or 2),
+    with outlying star pixels (neighbours, cosmic rays) clipped and refitted.
 
     Parameters
     ----------
@@ -102,12 +110,10 @@ def build_psf(
         Point sources with x, y and r50 (from :func:`pipeline.science.sources.select_stars`).
     size : int, optional
         Stamp size (odd); default from the stars' half-light radius.
-    tiles : tuple of int, optional
-        (ny, nx) tiles; default: as many as keep ``min_stars_per_tile`` stars each, up to 4×4.
-    min_stars_per_tile : int
-        Tiles with fewer stars use the global PSF.
+    degree : int, optional
+        Degree of the spatial variation; default 0 below 10 stars, 1 below 30, else 2.
     mask : 2D ndarray of bool, optional
-        Bad pixels; stars with a bad pixel in their stamp are skipped.
+        Bad pixels: stars with one in the core are skipped, elsewhere the pixel is ignored.
 
     Returns
     -------
@@ -121,43 +127,127 @@ def build_psf(
     if size is None:
         # r50 of a Moffat profile is ~0.6 FWHM, of a Gaussian 0.5 FWHM
         fwhm_guess = 1.8 * float(np.median(stars["r50"]))
-        size = psf_stamp_size(fwhm_guess)
-    stamps, xs, ys = _star_stamps(data, stars, size, mask)
+        size = psf_stamp_size(fwhm_guess, maximum=max(15, min(data.shape) // 4) | 1)
+    stamps, xs, ys, fluxes = _star_stamps(data, stars, size, mask)
     if len(stamps) < 2:
         raise ScienceError(f"only {len(stamps)} PSF stars have clean {size}×{size} stamps")
-    global_psf = _combine(stamps)
-    if tiles is None:
-        per_tile = len(stamps) / max(min_stars_per_tile, 1)
-        n = int(np.clip(np.floor(np.sqrt(per_tile)), 1, 4))
-        tiles = (n, n)
-    ny, nx = tiles
-    out = np.empty((ny, nx, size, size), dtype=np.float32)
-    counts = np.zeros((ny, nx), dtype=int)
-    for ty in range(ny):
-        for tx in range(nx):
-            inside = (
-                (ys >= ty * data.shape[0] / ny)
-                & (ys < (ty + 1) * data.shape[0] / ny)
-                & (xs >= tx * data.shape[1] / nx)
-                & (xs < (tx + 1) * data.shape[1] / nx)
-            )
-            if inside.sum() >= min_stars_per_tile:
-                out[ty, tx] = _combine(stamps[inside])
-                counts[ty, tx] = int(inside.sum())
-            else:
-                out[ty, tx] = global_psf
-    return PSFModel(out, data.shape, counts, measure_fwhm(global_psf))
+    if degree is None:
+        degree = 0 if len(stamps) < 10 else 1 if len(stamps) < 30 else 2
+    terms = _terms(xs, ys, data.shape, degree)
+    # a normalised stamp's noise in the background-limited wings goes as 1/flux, so
+    # rows are scaled by flux (inverse-variance weights ∝ flux²), within limits so a
+    # few bright stars do not stand alone
+    weights = np.clip(fluxes / np.median(fluxes), 0.2, 10.0)
+    basis = _fit_basis(stamps, terms, weights)
+    fwhm = measure_fwhm(basis[0])
+    basis = _smooth_wings(basis, fwhm)
+    model = PSFModel(basis.astype(np.float32), data.shape, len(stamps), 0.0)
+    model.fwhm = measure_fwhm(model.global_stamp)
+    model.model_error = _model_error(stamps, terms @ basis.reshape(len(basis), -1))
+    return model
+
+
+def _smooth_wings(basis: np.ndarray, fwhm: float) -> np.ndarray:
+    """Replace the noisy outer stamp by its azimuthal average.
+
+    Far from the centre a star stack is noise-dominated; convolved with a bright star,
+    that noise would print speckles around it in the difference. Beyond ``2.5·FWHM``
+    the constant term blends (cosine taper up to ``4·FWHM``) into its radial profile,
+    averaged over whole annuli, and the spatially varying terms fade to zero.
+    """
+    size = basis.shape[-1]
+    centre = (size - 1) / 2
+    yy, xx = np.indices((size, size))
+    dy, dx = yy - centre, xx - centre
+    radius = np.hypot(dy, dx)
+    # annuli follow the PSF's own ellipticity (second moments of its core), so the
+    # averaged wings keep the shape of the real ones
+    core = np.clip(basis[0], 0, None) * (radius < 2.0 * fwhm)
+    cov = (
+        np.array(
+            [
+                [np.sum(core * dx * dx), np.sum(core * dx * dy)],
+                [np.sum(core * dx * dy), np.sum(core * dy * dy)],
+            ]
+        )
+        / core.sum()
+    )
+    inv = np.linalg.inv(cov) * np.sqrt(np.linalg.det(cov))  # unit-determinant metric
+    ellip = np.sqrt(inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy)
+    inner, outer = 2.0 * fwhm, 3.5 * fwhm
+    weight = np.clip((outer - ellip) / max(outer - inner, 1e-6), 0.0, 1.0)
+    weight = 0.5 - 0.5 * np.cos(np.pi * weight)
+    rings = np.rint(ellip).astype(int)
+    profile = np.bincount(rings.ravel(), weights=basis[0].ravel()) / np.bincount(rings.ravel())
+    smooth = basis.copy()
+    smooth[0] = weight * basis[0] + (1.0 - weight) * profile[rings]
+    smooth[1:] = weight * basis[1:]
+    return smooth
+
+
+def _model_error(stamps: np.ndarray, model: np.ndarray) -> float:
+    """Fractional error of the PSF model beyond noise, as a matched filter sees it.
+
+    For each star, the residual energy in the core (model above a tenth of its peak)
+    minus what noise alone would put there (estimated from the stamp's outskirts),
+    relative to the model's energy; the median over stars, square-rooted.
+    """
+    values = stamps.reshape(len(stamps), -1)
+    errors = []
+    for stamp, fit in zip(values, model, strict=True):
+        good = np.isfinite(stamp)
+        core = good & (fit > 0.1 * fit.max())
+        outer = good & (fit < 0.01 * fit.max())
+        if core.sum() < 5 or outer.sum() < 20:
+            continue
+        resid = stamp - fit
+        noise = np.median(resid[outer] ** 2) / 0.455  # χ²(1) median, robust to neighbours
+        excess = np.sum(resid[core] ** 2) - noise * core.sum()
+        errors.append(max(excess, 0.0) / np.sum(fit[core] ** 2))
+    return float(np.sqrt(np.median(errors))) if errors else 0.0
+
+
+def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) -> np.ndarray:
+    """Weighted least-squares polynomial per pixel, with 3σ clipping of outlying pixels."""
+    n, sy, sx = stamps.shape
+    values = stamps.reshape(n, -1)
+    median = np.nanmedian(values, axis=0)
+    values = np.where(np.isfinite(values), values, median)
+    weights = np.repeat(star_weights[:, None], values.shape[1], axis=1)
+    for _ in range(2):
+        coef = np.empty((terms.shape[1], values.shape[1]))
+        for j in range(values.shape[1]):
+            w = weights[:, j]
+            coef[:, j] = np.linalg.lstsq(terms * w[:, None], values[:, j] * w, rcond=None)[0]
+        model = terms @ coef
+        resid = values - model
+        spread = 1.4826 * np.median(np.abs(resid), axis=0) + 1e-9
+        weights = star_weights[:, None] * (np.abs(resid) < 3.0 * spread)
+    basis = coef.reshape(terms.shape[1], sy, sx)
+    return _recentre(basis)
+
+
+def _recentre(basis: np.ndarray) -> np.ndarray:
+    """Shift every basis stamp so the constant term's centroid sits on the centre pixel."""
+    mean = basis[0]
+    centre = (np.asarray(mean.shape) - 1) / 2
+    core = np.clip(mean, 0, None)
+    yy, xx = np.indices(mean.shape)
+    weight = core * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * 9.0))
+    cy, cx = (weight * yy).sum() / weight.sum(), (weight * xx).sum() / weight.sum()
+    shift = (centre[0] - cy, centre[1] - cx)
+    return np.stack([ndimage.shift(b, shift, order=3, mode="constant") for b in basis])
 
 
 def _star_stamps(
     data: np.ndarray, stars: Table, size: int, mask: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Recentre each star on its stamp centre and normalise it to unit flux."""
     half = size // 2
     pad = 3
     big = half + pad
     core = max(2, size // 7)
-    stamps, xs, ys = [], [], []
+    stamps, xs, ys, fluxes = [], [], [], []
     for x, y in zip(np.asarray(stars["x"]), np.asarray(stars["y"]), strict=True):
         ix, iy = int(np.rint(x)), int(np.rint(y))
         if iy - big < 0 or ix - big < 0 or iy + big >= data.shape[0] or ix + big >= data.shape[1]:
@@ -171,33 +261,11 @@ def _star_stamps(
         shifted = ndimage.shift(np.where(bad, 0.0, cut), (iy - y, ix - x), order=3, mode="nearest")
         lost = ndimage.shift(bad.astype(float), (iy - y, ix - x), order=1) > 0.01
         stamp = np.where(lost, np.nan, shifted)[pad:-pad, pad:-pad]
-        stamp = stamp - _ring_median(stamp)
         total = np.nansum(stamp)
         if total <= 0:
             continue
         stamps.append(stamp / total)
         xs.append(x)
         ys.append(y)
-    return np.asarray(stamps), np.asarray(xs), np.asarray(ys)
-
-
-def _ring_median(stamp: np.ndarray) -> float:
-    """Residual background from the stamp's outermost ring of pixels."""
-    edge = np.concatenate([stamp[0], stamp[-1], stamp[1:-1, 0], stamp[1:-1, -1]])
-    return float(np.nanmedian(edge)) if np.isfinite(edge).any() else 0.0
-
-
-def _combine(stamps: np.ndarray) -> np.ndarray:
-    """Sigma-clipped mean of normalised stamps, recentred and renormalised."""
-    median = np.nanmedian(stamps, axis=0)
-    spread = 1.4826 * np.nanmedian(np.abs(stamps - median), axis=0) + 1e-12
-    good = np.abs(stamps - median) < 3.0 * spread  # NaN compares False
-    mean = np.where(good, stamps, 0).sum(axis=0) / np.maximum(good.sum(axis=0), 1)
-    mean = np.where(good.any(axis=0), mean, 0.0)
-    centre = (np.asarray(mean.shape) - 1) / 2
-    core = np.clip(mean, 0, None)
-    yy, xx = np.indices(mean.shape)
-    weight = core * np.exp(-((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / (2 * 9.0))
-    cy, cx = (weight * yy).sum() / weight.sum(), (weight * xx).sum() / weight.sum()
-    mean = ndimage.shift(mean, (centre[0] - cy, centre[1] - cx), order=3, mode="constant")
-    return (mean / mean.sum()).astype(np.float32)
+        fluxes.append(total)
+    return np.asarray(stamps), np.asarray(xs), np.asarray(ys), np.asarray(fluxes)

@@ -10,11 +10,12 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from astropy.wcs.utils import fit_wcs_from_points
 from reproject import reproject_interp
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pipeline.errors import ScienceError
 
-__all__ = ["Registration", "match_points", "refine_wcs", "reproject_to"]
+__all__ = ["Registration", "match_points", "pixel_map", "refine_wcs", "reproject_to", "resample"]
 
 
 @dataclass
@@ -194,4 +195,90 @@ def reproject_to(
         roundtrip_coords=False,
     )
     valid = (footprint > 0) & np.isfinite(out)
+    return np.where(valid, out, np.nan).astype(np.float32), valid
+
+
+def pixel_map(
+    wcs: WCS, target_wcs: WCS, shape: tuple[int, int], *, step: int = 16
+) -> tuple[np.ndarray, np.ndarray]:
+    """Source-image pixel coordinates of every target pixel.
+
+    The exact WCS transformation is evaluated on a grid every ``step`` pixels and
+    interpolated bilinearly in between; sky projections vary slowly, so the result
+    agrees with a per-pixel evaluation to well under a thousandth of a pixel while
+    costing a few hundredths of the time.
+
+    Parameters
+    ----------
+    wcs : WCS
+        WCS of the image to be resampled.
+    target_wcs : WCS
+        WCS of the output grid.
+    shape : tuple of int
+        (ny, nx) of the output grid.
+    step : int
+        Spacing of the exactly transformed grid (pixels).
+
+    Returns
+    -------
+    tuple of 2D ndarray of float32
+        (y, x) coordinates in the source image of each output pixel.
+    """
+    ny, nx = shape
+    # a uniform grid reaching one step beyond the image, so no pixel sits near its edge
+    gy = np.arange(-step, ny + 2 * step, step, dtype=float)
+    gx = np.arange(-step, nx + 2 * step, step, dtype=float)
+    xx, yy = np.meshgrid(gx, gy)
+    sx, sy = wcs.world_to_pixel(target_wcs.pixel_to_world(xx, yy))
+    # bilinear interpolation of the map: exact for affine maps; the curvature of sky
+    # projections over one step leaves errors far below a thousandth of a pixel
+    iy = (np.arange(ny, dtype=np.float32) + step) / step
+    ix = (np.arange(nx, dtype=np.float32) + step) / step
+    coords = np.meshgrid(iy, ix, indexing="ij")
+    out = [
+        ndimage.map_coordinates(np.asarray(grid, dtype=np.float64), coords, order=1).astype(
+            np.float32
+        )
+        for grid in (sy, sx)
+    ]
+    return out[0], out[1]
+
+
+def resample(
+    data: np.ndarray, wcs: WCS, target_wcs: WCS, shape: tuple[int, int], *, order: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Bicubic-spline resampling of an image onto another grid (fast path of reprojection).
+
+    Equivalent to :func:`reproject_to` with ``order="bicubic"`` but uses
+    :func:`pixel_map` instead of transforming every pixel through the WCS.
+
+    Parameters
+    ----------
+    data : 2D ndarray
+        Image to resample; must be finite (fill masked pixels first).
+    wcs, target_wcs : WCS
+        WCSs of the input and of the output grid.
+    shape : tuple of int
+        (ny, nx) of the output grid.
+    order : int
+        Spline order (3: bicubic, 1: bilinear for smooth maps such as noise).
+
+    Returns
+    -------
+    resampled : 2D ndarray of float32
+        NaN where the input does not cover the output.
+    footprint : 2D ndarray of bool
+        Where the output has valid data.
+    """
+    sy, sx = pixel_map(wcs, target_wcs, shape)
+    out = ndimage.map_coordinates(
+        np.asarray(data, dtype=np.float32),
+        [sy, sx],
+        order=order,
+        mode="constant",
+        cval=np.nan,
+        prefilter=True,
+    )
+    valid = (sy >= -0.5) & (sx >= -0.5) & (sy <= data.shape[0] - 0.5) & (sx <= data.shape[1] - 0.5)
+    valid &= np.isfinite(out)
     return np.where(valid, out, np.nan).astype(np.float32), valid

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import sep
 from astropy.table import Table
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
-__all__ = ["find_sources", "select_stars"]
+__all__ = ["find_sources", "select_stars", "source_footprints"]
 
 sep.set_extract_pixstack(5_000_000)
 sep.set_sub_object_limit(4096)
@@ -92,6 +93,7 @@ def select_stars(
     min_snr: float = 30.0,
     isolation: float = 10.0,
     edge: float = 10.0,
+    locus: bool = True,
 ) -> Table:
     """Bright, isolated, unsaturated point sources on the stellar locus.
 
@@ -112,6 +114,8 @@ def select_stars(
         No other source within this many pixels.
     edge : float
         Minimum distance from the image edge (pixels).
+    locus : bool
+        Keep only sources on the stellar locus (False: every source passing the cuts).
 
     Returns
     -------
@@ -135,12 +139,52 @@ def select_stars(
         & (sources["b"] / np.maximum(sources["a"], 1e-6) > 0.6)
     )
     candidates = sources[ok]
-    if len(candidates) < 3:
+    if len(candidates) < 3 or not locus:
         return candidates
     r50 = np.asarray(candidates["r50"])
-    # the locus: the mode of r50 among bright sources, by a narrow-window search
-    grid = np.quantile(r50, np.linspace(0.05, 0.6, 23))
-    counts = [np.sum(np.abs(r50 - g) < 0.1 * g) for g in grid]
-    locus = float(grid[int(np.argmax(counts))])
+    # the locus: point sources are the most compact well-populated group (cosmic rays,
+    # sharper still, are masked or fail the S/N and shape cuts; galaxies are larger)
+    grid = np.quantile(r50, np.linspace(0.02, 0.8, 40))
+    counts = np.array([np.sum(np.abs(r50 - g) < 0.1 * g) for g in grid])
+    locus = float(grid[np.argmax(counts >= 0.5 * counts.max())])
     on_locus = np.abs(r50 - locus) < 0.15 * locus
     return candidates[on_locus]
+
+
+def source_footprints(
+    data: np.ndarray,
+    rms: np.ndarray | float,
+    mask: np.ndarray | None = None,
+    *,
+    threshold: float = 1.5,
+    grow: int = 4,
+) -> np.ndarray:
+    """Pixels belonging to sources down to ``threshold``·rms, grown by ``grow`` pixels.
+
+    Parameters
+    ----------
+    data : 2D ndarray
+        Background-subtracted image (ADU).
+    rms : 2D ndarray or float
+        Background noise (ADU).
+    mask : 2D ndarray of bool, optional
+        Pixels to ignore.
+    threshold : float
+        Per-pixel detection threshold in units of ``rms``.
+    grow : int
+        Dilation radius in pixels.
+
+    Returns
+    -------
+    2D ndarray of bool
+    """
+    image = np.ascontiguousarray(np.nan_to_num(data), dtype=np.float32)
+    err = np.array(np.broadcast_to(rms, image.shape), dtype=np.float32, order="C")
+    ignore = ~np.isfinite(data) if mask is None else (mask | ~np.isfinite(data))
+    _, segmap = sep.extract(
+        image, threshold, err=err, mask=ignore, minarea=5, segmentation_map=True, deblend_nthresh=1
+    )
+    footprint = segmap > 0
+    if grow > 0 and footprint.any():
+        footprint = ndimage.binary_dilation(footprint, iterations=grow)
+    return footprint

@@ -55,6 +55,9 @@ class ZogyResult:
         PSF-fit flux of a point transient centred on each pixel, in reference units.
     alpha_err : 2D ndarray
         1σ error of ``alpha``.
+    S_N, S_R : 2D ndarray
+        The two terms of S (S = S_N - S_R): each image's matched-filter response, the
+        scale of residuals from PSF or flux-scale errors.
     """
 
     D: np.ndarray
@@ -66,6 +69,8 @@ class ZogyResult:
     F_S: float
     alpha: np.ndarray
     alpha_err: np.ndarray
+    S_N: np.ndarray
+    S_R: np.ndarray
 
 
 def torch_available() -> bool:
@@ -181,9 +186,9 @@ def zogy(
     kn = fft.irfft2(kn_hat, shape)
     kr = fft.irfft2(kr_hat, shape)
     variance = _convolved_variance(fft, kn, kr, var_new, var_ref, shape)
-    variance = variance + _astrometric_variance(fft.to_numpy(s_new), astrometric_sigma)
+    sn, sr = fft.to_numpy(s_new).astype(np.float32), fft.to_numpy(s_ref).astype(np.float32)
+    variance = variance + _astrometric_variance(sn, astrometric_sigma)
     if flux_error_fraction > 0:
-        sn, sr = fft.to_numpy(s_new), fft.to_numpy(s_ref)
         variance = variance + flux_error_fraction**2 * (sn * sn + sr * sr)
     variance = np.maximum(variance, _TINY).astype(np.float32)
 
@@ -200,6 +205,8 @@ def zogy(
         F_S=float(f_s),
         alpha=score_np / np.float32(f_s),
         alpha_err=sigma_s / np.float32(f_s),
+        S_N=sn,
+        S_R=sr,
     )
 
 

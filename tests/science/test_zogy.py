@@ -92,8 +92,16 @@ def test_source_noise_term_normalises_a_bright_star() -> None:
         var_ref = sky_sigma**2 + np.clip(ref_model, 0, None) / gain
         new = (new_model + rng.normal(0, np.sqrt(var_new))).astype(np.float32)
         ref = (ref_model + rng.normal(0, np.sqrt(var_ref))).astype(np.float32)
-        result = zogy(new, ref, psf_new, PR, sigma_new=sky_sigma, sigma_ref=sky_sigma,
-                      var_new=var_new, var_ref=var_ref)
+        result = zogy(
+            new,
+            ref,
+            psf_new,
+            PR,
+            sigma_new=sky_sigma,
+            sigma_ref=sky_sigma,
+            var_new=var_new,
+            var_ref=var_ref,
+        )
         trials.append(result.S_corr[118:139, 118:139])
     core = np.stack(trials)
     assert 0.85 < core.std() < 1.15  # without the source term it would be several
@@ -106,8 +114,9 @@ def test_astrometric_term_absorbs_a_misregistration_dipole() -> None:
     h = 15
     shifted[64 - h : 64 + h + 1, 64 - h : 64 + h + 1] += 1e5 * gaussian(31, 2.8, dx=0.1)
     plain = zogy(shifted, star, PR, PR, sigma_new=5.0, sigma_ref=5.0)
-    corrected = zogy(shifted, star, PR, PR, sigma_new=5.0, sigma_ref=5.0,
-                     astrometric_sigma=(0.1, 0.1))
+    corrected = zogy(
+        shifted, star, PR, PR, sigma_new=5.0, sigma_ref=5.0, astrometric_sigma=(0.1, 0.1)
+    )
     assert np.abs(plain.S_corr).max() > 10
     assert np.abs(corrected.S_corr).max() < 1.5
 
@@ -135,6 +144,7 @@ def test_torch_backend_matches_numpy() -> None:
     ref = rng.normal(0, 5, (256, 256)).astype(np.float32)
     add_point(new, PN, 100, 120, 3000.0)
     a = zogy(new, ref, PN, PR, sigma_new=10, sigma_ref=5, var_new=new.clip(0) + 100.0)
-    b = zogy(new, ref, PN, PR, sigma_new=10, sigma_ref=5, var_new=new.clip(0) + 100.0,
-             backend="torch")
+    b = zogy(
+        new, ref, PN, PR, sigma_new=10, sigma_ref=5, var_new=new.clip(0) + 100.0, backend="torch"
+    )
     np.testing.assert_allclose(a.S_corr, b.S_corr, atol=1e-3)

@@ -1,0 +1,122 @@
+"""Vet candidates: cross-matches, rule cuts and the real/bogus score."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from astropy.table import Table
+from astropy.wcs import WCS
+
+from pipeline.science.crossmatch import crossmatch
+from pipeline.science.detection import CandidateFlag
+
+__all__ = ["Cuts", "validate_candidates"]
+
+
+@dataclass(frozen=True)
+class Cuts:
+    """Rule cuts a candidate must pass before any learned classifier.
+
+    Attributes
+    ----------
+    min_abs_snr : float
+        Minimum |S_corr|.
+    reject_flags : int
+        :class:`CandidateFlag` bits that reject a candidate.
+    min_fwhm_ratio, max_fwhm_ratio : float
+        Allowed FWHM of the peak in D relative to the FWHM of D's PSF: a point source
+        has ~1; cosmic rays are sharper, extended residuals wider.
+    max_elongation : float
+        Largest axis ratio of the peak in D.
+    """
+
+    min_abs_snr: float = 5.0
+    reject_flags: int = int(CandidateFlag.MASKED | CandidateFlag.EDGE)
+    min_fwhm_ratio: float = 0.5
+    max_fwhm_ratio: float = 2.0
+    max_elongation: float = 2.0
+
+    def as_dict(self) -> dict:
+        """Plain-data form, for reports."""
+        return asdict(self)
+
+
+def validate_candidates(
+    candidates: Table,
+    *,
+    psf_fwhm: float,
+    wcs: WCS,
+    reference_sources: Table,
+    catalog: Table | None = None,
+    match_radius_arcsec: float = 1.0,
+    cuts: Cuts | None = None,
+    rb_scores: np.ndarray | None = None,
+) -> Table:
+    """Cross-match candidates and apply the rule cuts.
+
+    Parameters
+    ----------
+    candidates : Table
+        From :func:`pipeline.science.detection.detect_candidates`.
+    psf_fwhm : float
+        FWHM (pixels) of the PSF of the difference image.
+    wcs : WCS
+        WCS of the reference grid (gives the reference sources' sky positions).
+    reference_sources : Table
+        Sources detected in the reference image (x, y).
+    catalog : Table, optional
+        External catalogue with ra, dec (deg), e.g. known variables or galaxies.
+    match_radius_arcsec : float
+        Cross-match radius.
+    cuts : Cuts, optional
+    rb_scores : ndarray, optional
+        Real/bogus probabilities from the deployed model; NaN without one.
+
+    Returns
+    -------
+    Table
+        The candidates with ref_match, ref_sep_arcsec, catalog_index, catalog_sep_arcsec,
+        rb_score, passed and reject_reason columns added.
+    """
+    cuts = cuts or Cuts()
+    out = candidates.copy()
+    n = len(out)
+    ref = reference_sources
+    if len(ref):
+        sky = wcs.pixel_to_world(np.asarray(ref["x"]), np.asarray(ref["y"]))
+        ref_table = Table({"ra": sky.ra.deg, "dec": sky.dec.deg})
+    else:
+        ref_table = Table({"ra": np.zeros(0), "dec": np.zeros(0)})
+    ra, dec = np.asarray(out["ra"], dtype=float), np.asarray(out["dec"], dtype=float)
+    ref_index, ref_sep = crossmatch(ra, dec, ref_table, match_radius_arcsec)
+    out["ref_match"] = ref_index >= 0
+    out["ref_sep_arcsec"] = ref_sep
+    if catalog is not None:
+        cat_index, cat_sep = crossmatch(ra, dec, catalog, match_radius_arcsec)
+    else:
+        cat_index, cat_sep = np.full(n, -1), np.full(n, np.nan)
+    out["catalog_index"] = cat_index
+    out["catalog_sep_arcsec"] = cat_sep
+    out["rb_score"] = np.full(n, np.nan) if rb_scores is None else np.asarray(rb_scores, float)
+    reasons = [_reasons(row, cuts, psf_fwhm) for row in out]
+    out["reject_reason"] = [",".join(r) for r in reasons]
+    out["passed"] = [not r for r in reasons]
+    return out
+
+
+def _reasons(row: Table.Row, cuts: Cuts, psf_fwhm: float) -> list[str]:
+    reasons = []
+    if abs(row["snr"]) < cuts.min_abs_snr:
+        reasons.append("snr")
+    for flag in CandidateFlag:
+        if row["flags"] & flag & cuts.reject_flags:
+            reasons.append(flag.name.lower())
+    fwhm = row["fwhm"]
+    if not np.isfinite(fwhm) or not (
+        cuts.min_fwhm_ratio * psf_fwhm <= fwhm <= cuts.max_fwhm_ratio * psf_fwhm
+    ):
+        reasons.append("shape")
+    if np.isfinite(row["elongation"]) and row["elongation"] > cuts.max_elongation:
+        reasons.append("elongated")
+    return reasons
