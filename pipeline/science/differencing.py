@@ -133,7 +133,7 @@ def difference_pair(
         if varies
         else (1, 1)
     )
-    margin = pair.psf_science.size * 2
+    margin = pair.psf_science.size
     reg = pair.registration
     sigma_ast = reg.rms if (astrometric_noise and reg is not None and reg.refined) else (0.0, 0.0)
     ratio = pair.flux.ratio

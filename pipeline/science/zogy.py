@@ -162,52 +162,85 @@ def zogy(
     var_ref = sigma_ref**2 if var_ref is None else var_ref
     fft = _TorchFFT() if backend == "torch" else _NumpyFFT()
 
-    pn = fft.rfft2(psf_to_otf_shape(psf_new / psf_new.sum(), shape))
-    pr = fft.rfft2(psf_to_otf_shape(psf_ref / psf_ref.sum(), shape))
+    psf_new = psf_new / psf_new.sum()
+    psf_ref = psf_ref / psf_ref.sum()
+    fn, fr = float(flux_new), float(flux_ref)
+    pn = fft.rfft2(psf_to_otf_shape(psf_new, shape))
+    pr = fft.rfft2(psf_to_otf_shape(psf_ref, shape))
     n_hat = fft.rfft2(new)
     r_hat = fft.rfft2(ref)
     pn2 = fft.abs2(pn)
     pr2 = fft.abs2(pr)
-    fn, fr = float(flux_new), float(flux_ref)
     den2 = sigma_new**2 * fr**2 * pr2 + sigma_ref**2 * fn**2 * pn2 + _TINY
     den = fft.sqrt(den2)
 
-    kn_hat = fn * fr**2 * fft.conj(pn) * pr2 / den2
-    kr_hat = fr * fn**2 * fft.conj(pr) * pn2 / den2
-    s_new = fft.irfft2(kn_hat * n_hat, shape)
-    s_ref = fft.irfft2(kr_hat * r_hat, shape)
+    s_new = fft.irfft2(fn * fr**2 * fft.conj(pn) * pr2 / den2 * n_hat, shape)
+    s_ref = fft.irfft2(fr * fn**2 * fft.conj(pr) * pn2 / den2 * r_hat, shape)
     score = s_new - s_ref
-
-    f_d = fn * fr / np.sqrt(sigma_new**2 * fr**2 + sigma_ref**2 * fn**2)
     d = fft.irfft2((fr * pr * n_hat - fn * pn * r_hat) / den, shape)
-    p_d_hat = fr * fn * pr * pn / (f_d * den)
     f_s = fft.full_sum(fn**2 * fr**2 * pn2 * pr2 / den2, shape[1]) / (shape[0] * shape[1])
+    f_d = fn * fr / np.sqrt(sigma_new**2 * fr**2 + sigma_ref**2 * fn**2)
 
-    kn = fft.irfft2(kn_hat, shape)
-    kr = fft.irfft2(kr_hat, shape)
-    variance = _convolved_variance(fft, kn, kr, var_new, var_ref, shape)
-    sn, sr = fft.to_numpy(s_new).astype(np.float32), fft.to_numpy(s_ref).astype(np.float32)
-    variance = variance + _astrometric_variance(sn, astrometric_sigma)
+    # the kernels and P_D are compact: compute them on a small grid, on the CPU
+    small = _Kernels(psf_new, psf_ref, shape, sigma_new, sigma_ref, fn, fr, f_d)
+    variance = _convolved_variance(fft, small, var_new, var_ref, shape)
+    variance = variance + _astrometric_variance(fft, s_new, astrometric_sigma)
     if flux_error_fraction > 0:
-        variance = variance + flux_error_fraction**2 * (sn * sn + sr * sr)
-    variance = np.maximum(variance, _TINY).astype(np.float32)
-
-    score_np = fft.to_numpy(score).astype(np.float32)
-    sigma_s = np.sqrt(variance)
-    p_d = _centred_stamp(fft.to_numpy(fft.irfft2(p_d_hat, shape)), psf_new.shape)
+        variance = variance + flux_error_fraction**2 * (s_new * s_new + s_ref * s_ref)
+    variance = fft.clamp_min(variance, _TINY)
+    sigma_s = fft.sqrt(variance)
+    maps = {
+        "D": d,
+        "S": score,
+        "S_corr": score / sigma_s,
+        "V_S": variance,
+        "alpha": score / float(f_s),
+        "alpha_err": sigma_s / float(f_s),
+        "S_N": s_new,
+        "S_R": s_ref,
+    }
+    p_d = _centred_stamp(small.p_d, psf_new.shape)
     return ZogyResult(
-        D=fft.to_numpy(d).astype(np.float32),
+        **{k: fft.to_numpy(v).astype(np.float32, copy=False) for k, v in maps.items()},
         P_D=p_d / p_d.sum(),
         F_D=float(f_d),
-        S=score_np,
-        S_corr=score_np / sigma_s,
-        V_S=variance,
         F_S=float(f_s),
-        alpha=score_np / np.float32(f_s),
-        alpha_err=sigma_s / np.float32(f_s),
-        S_N=sn,
-        S_R=sr,
     )
+
+
+class _Kernels:
+    """κ_n, κ_r (paper eq. 28-29) and P_D on a small grid around the origin."""
+
+    def __init__(
+        self,
+        psf_new: np.ndarray,
+        psf_ref: np.ndarray,
+        shape: tuple[int, int],
+        sigma_new: float,
+        sigma_ref: float,
+        fn: float,
+        fr: float,
+        f_d: float,
+    ) -> None:
+        size = max(psf_new.shape[0], psf_ref.shape[0])
+        grid = tuple(min(n, scipy.fft.next_fast_len(4 * size, real=True)) for n in shape)
+        pn = scipy.fft.rfft2(psf_to_otf_shape(psf_new, grid).astype(np.float64))
+        pr = scipy.fft.rfft2(psf_to_otf_shape(psf_ref, grid).astype(np.float64))
+        pn2, pr2 = np.abs(pn) ** 2, np.abs(pr) ** 2
+        den2 = sigma_new**2 * fr**2 * pr2 + sigma_ref**2 * fn**2 * pn2 + _TINY
+        self.grid = grid
+        self.kn = scipy.fft.irfft2(fn * fr**2 * np.conj(pn) * pr2 / den2, s=grid)
+        self.kr = scipy.fft.irfft2(fr * fn**2 * np.conj(pr) * pn2 / den2, s=grid)
+        self.p_d = scipy.fft.irfft2(fr * fn * pr * pn / (f_d * np.sqrt(den2)), s=grid)
+
+    def embed(self, kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+        """Place a wrapped small-grid kernel into a full-size wrapped array."""
+        gy, gx = self.grid
+        hy, hx = gy // 2, gx // 2
+        out = np.zeros(shape, dtype=np.float32)
+        centred = np.roll(kernel, (hy, hx), axis=(0, 1))
+        out[:gy, :gx] = centred
+        return np.roll(out, (-hy, -hx), axis=(0, 1))
 
 
 def _check_inputs(
@@ -238,34 +271,34 @@ def _check_inputs(
 
 def _convolved_variance(
     fft: _NumpyFFT,
-    kn: np.ndarray,
-    kr: np.ndarray,
+    kernels: _Kernels,
     var_new: np.ndarray | float,
     var_ref: np.ndarray | float,
     shape: tuple[int, int],
-) -> np.ndarray:
+) -> object:
     """V(S_N) + V(S_R): each image's variance map convolved with its kernel squared."""
     constant = 0.0
     spectrum = None
-    for kernel, var in ((kn, var_new), (kr, var_ref)):
+    for kernel, var in ((kernels.kn, var_new), (kernels.kr, var_ref)):
         k2 = kernel * kernel
         if np.ndim(var) == 0:
-            constant += float(var) * fft.total(k2)
+            constant += float(var) * float(k2.sum())
         else:
-            term = fft.rfft2(var) * fft.rfft2(k2)
+            term = fft.rfft2(var) * fft.rfft2(kernels.embed(k2, shape))
             spectrum = term if spectrum is None else spectrum + term
-    result = np.full(shape, constant, dtype=np.float32)
-    if spectrum is not None:
-        result += fft.to_numpy(fft.irfft2(spectrum, shape))
-    return result
+    if spectrum is None:
+        return fft.full(shape, constant)
+    return fft.irfft2(spectrum, shape) + float(constant)
 
 
-def _astrometric_variance(s_new: np.ndarray, sigma: tuple[float, float]) -> np.ndarray | float:
+def _astrometric_variance(
+    fft: _NumpyFFT, s_new: object, sigma: tuple[float, float]
+) -> object | float:
     """σ_x² (∂S_N/∂x)² + σ_y² (∂S_N/∂y)² (paper eq. 30-31) for the registered image."""
     sx, sy = sigma
     if sx <= 0 and sy <= 0:
         return 0.0
-    gy, gx = np.gradient(s_new)
+    gy, gx = fft.gradient(s_new)
     return sx**2 * gx * gx + sy**2 * gy * gy
 
 
@@ -298,8 +331,17 @@ class _NumpyFFT:
         return np.sqrt(a)
 
     @staticmethod
-    def total(a: np.ndarray) -> float:
-        return float(a.sum(dtype=np.float64))
+    def full(shape: tuple[int, int], value: float) -> np.ndarray:
+        return np.full(shape, value, dtype=np.float32)
+
+    @staticmethod
+    def gradient(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        gy, gx = np.gradient(a)
+        return gy, gx
+
+    @staticmethod
+    def clamp_min(a: np.ndarray, value: float) -> np.ndarray:
+        return np.maximum(a, value)
 
     @staticmethod
     def full_sum(half: np.ndarray, nx: int) -> float:
@@ -346,8 +388,15 @@ class _TorchFFT(_NumpyFFT):
     def sqrt(self, a: object) -> object:
         return self.torch.sqrt(a)
 
-    def total(self, a: object) -> float:
-        return float(a.double().sum())
+    def full(self, shape: tuple[int, int], value: float) -> object:
+        return self.torch.full(shape, value, dtype=self.torch.float32, device=self.device)
+
+    def gradient(self, a: object) -> tuple[object, object]:
+        gy, gx = self.torch.gradient(a)
+        return gy, gx
+
+    def clamp_min(self, a: object, value: float) -> object:
+        return self.torch.clamp(a, min=value)
 
     def full_sum(self, half: object, nx: int) -> float:
         return _NumpyFFT.full_sum(half.real.detach().cpu().numpy(), nx)

@@ -1,0 +1,461 @@
+"""Quality and speed of the observation science against injected truth and two peer codes.
+
+Runs our preprocessing + ZOGY + detection + rule cuts on
+
+* simulated pairs (1024² with every artefact kind on, registered and on one grid; 2048²
+  for speed), and
+* the real DECam pair in tests/data/decam (science = an epoch-04 exposure, reference =
+  the epoch-18 stack) with fake point sources injected with the science image's own PSF,
+
+and prints completeness per injected-S/N bin, the S/N at 50 % completeness, false
+positives per image, photometric bias and pull width, and wall time and peak memory per
+step. The peers ``sfft`` and ``properimage`` (installed in their own environment by
+``benchmarks/install_peers.sh``) run on the same one-grid pairs, each followed by the
+same matched-filter detection at 5σ, and the ratios are printed.
+
+Speed ratios are measured in this process against a baseline run here (one scipy
+rfft2 + irfft2 of the same image); absolute seconds are printed for information only.
+
+Usage::
+
+    .venv/bin/python benchmarks/difference_imaging.py [--quick] [--peers-python PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import psutil
+import scipy.fft
+from astropy.table import Table, vstack
+from scipy.optimize import curve_fit
+from scipy.spatial import cKDTree
+
+from pipeline.science.detection import NoDetectionsWarning, detect_candidates
+from pipeline.science.differencing import difference_pair
+from pipeline.science.io import read_image, write_image
+from pipeline.science.preprocessing import preprocess_pair
+from pipeline.science.psf import measure_fwhm
+from pipeline.science.simulate import flux_to_snr, inject_fakes, simulate_pair, snr_to_flux
+from pipeline.science.validation import validate_candidates
+
+REPO = Path(__file__).resolve().parents[1]
+DECAM = REPO / "tests" / "data" / "decam"
+SNR_BINS = (3, 4, 5, 6, 7, 10, 15, 30)
+MATCH_RADIUS = 2.0
+
+
+class PeakRSS:
+    """Peak resident memory of this process while a block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self._process = psutil.Process()
+        self.start = self._process.memory_info().rss
+        self.peak = self.start
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._process.memory_info().rss)
+
+    @property
+    def extra_mb(self) -> float:
+        """Peak above the level at entry, MiB."""
+        return (self.peak - self.start) / 2**20
+
+
+@dataclass
+class Outcome:
+    """Per-fake detection results and false positives of one method on one image."""
+
+    snr: list[float] = field(default_factory=list)
+    found: list[bool] = field(default_factory=list)
+    flux_ratio: list[float] = field(default_factory=list)
+    pull: list[float] = field(default_factory=list)
+    false_positives: list[int] = field(default_factory=list)
+    false_positives_raw: list[int] = field(default_factory=list)
+
+    def add(self, other: Outcome) -> None:
+        for name in self.__dataclass_fields__:
+            getattr(self, name).extend(getattr(other, name))
+
+
+def score(truth: Table, found: Table, *, flux: bool = True) -> Outcome:
+    """Match detections (x, y, snr[, flux, flux_err]) to injected truth (x, y, sign, ...)."""
+    out = Outcome()
+    txy = np.column_stack([truth["x"], truth["y"]])
+    if len(found):
+        fxy = np.column_stack([found["x"], found["y"]])
+        dist, index = cKDTree(fxy).query(txy, distance_upper_bound=MATCH_RADIUS)
+    else:
+        dist, index = np.full(len(truth), np.inf), np.zeros(len(truth), dtype=int)
+    matched = set()
+    for k in range(len(truth)):
+        ok = bool(np.isfinite(dist[k])) and np.sign(found["snr"][index[k]]) == truth["sign"][k]
+        out.snr.append(float(truth["snr"][k]))
+        out.found.append(ok)
+        if ok:
+            matched.add(int(index[k]))
+            if flux and truth["snr"][k] >= 10:
+                measured = float(found["flux"][index[k]]) * truth["sign"][k]
+                out.flux_ratio.append(measured / float(truth["flux"][k]))
+                out.pull.append(
+                    (measured - float(truth["flux"][k])) / float(found["flux_err"][index[k]])
+                )
+    if len(found):
+        near = cKDTree(txy).query(np.column_stack([found["x"], found["y"]]))[0] < 5.0
+        out.false_positives.append(int(np.sum(~near)))
+    else:
+        out.false_positives.append(0)
+    return out
+
+
+def summarise(outcome: Outcome) -> dict:
+    """Completeness per bin, S/N at 50 %, false positives, bias and pull width."""
+    snr, found = np.asarray(outcome.snr), np.asarray(outcome.found, dtype=float)
+    bins = {}
+    for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:], strict=True):
+        m = (snr >= lo) & (snr < hi)
+        bins[f"{lo}-{hi}"] = (float(found[m].mean()) if m.any() else float("nan"), int(m.sum()))
+    above7 = snr >= 7
+    try:
+        (s50, width), _ = curve_fit(
+            lambda s, a, b: 1 / (1 + np.exp(-(s - a) / b)),
+            snr,
+            found,
+            p0=(5.0, 1.0),
+            bounds=([0.5, 0.05], [50, 20]),
+        )
+    except (RuntimeError, ValueError):
+        s50 = float("nan")
+    ratio, pull = np.asarray(outcome.flux_ratio), np.asarray(outcome.pull)
+    return {
+        "bins": bins,
+        "completeness_snr_ge_7": float(found[above7].mean()) if above7.any() else float("nan"),
+        "n_snr_ge_7": int(above7.sum()),
+        "snr_50": float(s50),
+        "false_positives_per_image": float(np.mean(outcome.false_positives)),
+        "false_positives_raw_per_image": float(np.mean(outcome.false_positives_raw))
+        if outcome.false_positives_raw
+        else float("nan"),
+        "flux_bias": float(np.median(ratio) - 1) if len(ratio) else float("nan"),
+        "pull_width": float(1.4826 * np.median(np.abs(pull - np.median(pull))))
+        if len(pull)
+        else float("nan"),
+        "n_flux": int(len(ratio)),
+    }
+
+
+def run_ours(science, reference, *, timings: dict | None = None, backend: str = "numpy"):
+    """Our pipeline; returns (all candidates, candidates passing the rule cuts)."""
+    clock = time.perf_counter()
+    pair = preprocess_pair(science, reference)
+    t_pre = time.perf_counter()
+    diff = difference_pair(pair, backend=backend)
+    t_diff = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoDetectionsWarning)
+        candidates = detect_candidates(diff, pair)
+    checked = validate_candidates(
+        candidates,
+        psf_fwhm=measure_fwhm(diff.P_D),
+        wcs=pair.wcs,
+        reference_sources=pair.reference_sources,
+    )
+    t_det = time.perf_counter()
+    if timings is not None:
+        timings.setdefault("preprocessing", []).append(t_pre - clock)
+        timings.setdefault("differencing", []).append(t_diff - t_pre)
+        timings.setdefault("detection", []).append(t_det - t_diff)
+    return checked, checked[checked["passed"]], pair
+
+
+def sim_truth(sim) -> Table:
+    truth = sim.truth
+    return Table(
+        {
+            "x": truth["x_ref"],
+            "y": truth["y_ref"],
+            "sign": truth["sign"],
+            "snr": truth["snr_injected"],
+            "flux": truth["flux_sci"],
+        }
+    )
+
+
+def run_peer(
+    peers_python: str,
+    peer: str,
+    science: Path,
+    reference: Path,
+    workdir: Path,
+    psf: np.ndarray,
+    mask: np.ndarray | None,
+) -> Table:
+    """Run one peer in its own environment and the shared matched-filter detection."""
+    np.save(workdir / "psf.npy", psf)
+    np.save(workdir / "mask.npy", np.zeros(psf.shape, bool) if mask is None else mask)
+    code = f"""
+import sys, json, numpy as np
+sys.path.insert(0, {str(REPO / "benchmarks")!r})
+from peers import run_{peer}, matched_filter_detect
+r = run_{peer}({str(science)!r}, {str(reference)!r}, {str(workdir / peer)!r}, trace_memory=False)
+mask = np.load({str(workdir / "mask.npy")!r})
+found = matched_filter_detect(r.difference, np.load({str(workdir / "psf.npy")!r}), threshold=5.0,
+                              mask=mask if mask.shape == r.difference.shape else None)
+found.write({str(workdir / (peer + ".ecsv"))!r}, overwrite=True)
+print(json.dumps({{"seconds": r.seconds}}))
+"""
+    done = subprocess.run([peers_python, "-c", code], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{peer} failed: {done.stderr[-2000:]}")
+    found = Table.read(workdir / f"{peer}.ecsv")
+    found.meta["seconds"] = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
+    return found
+
+
+def speed_2048(report: dict) -> None:
+    """ZOGY against one FFT pair, and the whole chain's time and memory on a 2048² pair."""
+    sim = simulate_pair((2048, 2048), seed=11, n_stars=2400, n_galaxies=600, n_transients=240)
+    image = sim.reference.data.astype(np.float32)
+    scipy.fft.irfft2(scipy.fft.rfft2(image, workers=-1), s=image.shape, workers=-1)  # warm-up
+    fft_times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        scipy.fft.irfft2(scipy.fft.rfft2(image, workers=-1), s=image.shape, workers=-1)
+        fft_times.append(time.perf_counter() - t)
+    fft = float(np.median(fft_times))
+    run_ours(sim.science, sim.reference)  # warm-up (imports, caches)
+    timings: dict = {}
+    memory = {}
+    for step in range(2):
+        with PeakRSS() as rss:
+            run_ours(sim.science, sim.reference, timings=timings)
+        memory[step] = rss.extra_mb
+    pair = preprocess_pair(sim.science, sim.reference)
+    zogy_times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        difference_pair(pair, backend="numpy")
+        zogy_times.append(time.perf_counter() - t)
+    zogy = float(np.median(zogy_times))
+    steps = {k: float(np.median(v)) for k, v in timings.items()}
+    total = sum(steps.values())
+    image_mb = image.nbytes / 2**20
+    report["speed_2048"] = {
+        "fft_pair_s": fft,
+        "zogy_s": zogy,
+        "zogy_over_fft": zogy / fft,
+        "steps_s": steps,
+        "total_s": total,
+        "peak_extra_memory_mb": max(memory.values()),
+        "image_mb": image_mb,
+        "memory_over_image": max(memory.values()) / image_mb,
+    }
+
+
+def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: Path) -> None:
+    """Simulated 1024² pairs: registered (ours) and one-grid (ours and peers)."""
+    ours_reg, ours_grid, peers = Outcome(), Outcome(), {"sfft": Outcome(), "properimage": Outcome()}
+    peer_seconds: dict[str, list[float]] = {"sfft": [], "properimage": []}
+    ours_seconds = []
+    for seed in seeds:
+        for same_grid, outcome in ((False, ours_reg), (True, ours_grid)):
+            sim = simulate_pair((1024, 1024), seed=seed, same_grid=same_grid)
+            t = time.perf_counter()
+            checked, passed, pair = run_ours(sim.science, sim.reference)
+            ours_seconds.append(time.perf_counter() - t) if same_grid else None
+            result = score(sim_truth(sim), passed)
+            result.false_positives_raw = score(sim_truth(sim), checked).false_positives
+            outcome.add(result)
+            if same_grid and peers_python:
+                folder = work / f"sim{seed}"
+                folder.mkdir(parents=True, exist_ok=True)
+                write_image(sim.science, folder / "science.fits")
+                write_image(sim.reference, folder / "reference.fits")
+                mask = sim.science.mask if sim.science.mask is not None else None
+                for peer in peers:
+                    found = run_peer(
+                        peers_python,
+                        peer,
+                        folder / "science.fits",
+                        folder / "reference.fits",
+                        folder,
+                        pair.psf_science.global_stamp,
+                        mask,
+                    )
+                    peer_seconds[peer].append(found.meta["seconds"])
+                    found["flux"] = np.nan
+                    found["flux_err"] = np.nan
+                    peers[peer].add(score(sim_truth(sim), found, flux=False))
+    report["sim_1024_registered"] = summarise(ours_reg)
+    report["sim_1024_one_grid"] = summarise(ours_grid)
+    report["sim_1024_one_grid"]["seconds"] = float(np.median(ours_seconds))
+    if peers_python:
+        for peer, outcome in peers.items():
+            report[f"sim_1024_{peer}"] = summarise(outcome)
+            report[f"sim_1024_{peer}"]["seconds"] = float(np.median(peer_seconds[peer]))
+
+
+def quality_decam(
+    report: dict, trials: int, per_trial: int, peers_python: str | None, work: Path
+) -> None:
+    """Fakes injected into the real DECam science image with its own PSF."""
+    science = read_image(DECAM / "DEC-OBS04a.mini.fits")
+    reference = read_image(DECAM / "Stack-DEC-OBS18.fits")
+    base = preprocess_pair(science, reference)
+    psf = base.psf_science.global_stamp
+    sigma = float(np.median(base.science_rms))
+    rng = np.random.default_rng(2026)
+    ours, peers = Outcome(), {"sfft": Outcome(), "properimage": Outcome()}
+    seconds: dict[str, list[float]] = {"ours": [], "sfft": [], "properimage": []}
+    ny, nx = science.shape
+    for trial in range(trials):
+        xy = _spread_positions(rng, per_trial, nx, ny, margin=20, spacing=18)
+        snr = np.exp(rng.uniform(np.log(3), np.log(30), len(xy)))
+        flux = snr_to_flux(snr, sigma, psf)
+        faked = inject_fakes(science, psf, xy, flux, seed=trial)
+        truth = Table(
+            {
+                "x": xy[:, 0],
+                "y": xy[:, 1],
+                "sign": np.ones(len(xy), int),
+                "snr": flux_to_snr(flux, sigma, psf),
+                "flux": flux,
+            }
+        )
+        t = time.perf_counter()
+        checked, passed, _ = run_ours(faked, reference)
+        seconds["ours"].append(time.perf_counter() - t)
+        result = score(truth, passed)
+        result.false_positives_raw = score(truth, checked).false_positives
+        ours.add(result)
+        if peers_python:
+            folder = work / f"decam{trial}"
+            folder.mkdir(parents=True, exist_ok=True)
+            write_image(faked, folder / "science.fits")
+            write_image(reference, folder / "reference.fits")
+            for peer in peers:
+                found = run_peer(
+                    peers_python,
+                    peer,
+                    folder / "science.fits",
+                    folder / "reference.fits",
+                    folder,
+                    psf,
+                    None,
+                )
+                seconds[peer].append(found.meta["seconds"])
+                peers[peer].add(score(truth, found, flux=False))
+    report["decam_fakes"] = summarise(ours)
+    report["decam_fakes"]["seconds"] = float(np.median(seconds["ours"]))
+    if peers_python:
+        for peer, outcome in peers.items():
+            report[f"decam_{peer}"] = summarise(outcome)
+            report[f"decam_{peer}"]["seconds"] = float(np.median(seconds[peer]))
+
+
+def _spread_positions(rng, n, nx, ny, *, margin, spacing) -> np.ndarray:
+    points: list[np.ndarray] = []
+    while len(points) < n:
+        p = rng.uniform([margin, margin], [nx - margin, ny - margin])
+        if all(np.hypot(*(p - q)) >= spacing for q in points):
+            points.append(p)
+    return np.asarray(points)
+
+
+def print_report(report: dict) -> None:
+    """The table for the closing note."""
+    print("\n== quality (completeness per injected S/N bin; FP = false positives per image) ==")
+    header = (
+        "method                      "
+        + " ".join(f"{b:>6}" for b in report["sim_1024_one_grid"]["bins"])
+        + "  C(≥7)  S/N50  FP(cut) FP(raw)  bias   pull   sec"
+    )
+    print(header)
+    for name, row in report.items():
+        if "bins" not in row:
+            continue
+        bins = " ".join(f"{v[0]:6.2f}" for v in row["bins"].values())
+        print(
+            f"{name:<27} {bins}  {row['completeness_snr_ge_7']:5.2f}  {row['snr_50']:5.2f}  "
+            f"{row['false_positives_per_image']:7.1f} {row['false_positives_raw_per_image']:7.1f} "
+            f"{row['flux_bias']:+6.3f} {row['pull_width']:5.2f} {row.get('seconds', float('nan')):6.2f}"
+        )
+    if "speed_2048" in report:
+        s = report["speed_2048"]
+        print("\n== speed on a 2048² pair (2 cores) ==")
+        print(
+            f"one rfft2+irfft2: {s['fft_pair_s'] * 1e3:.1f} ms; ZOGY: {s['zogy_s'] * 1e3:.1f} ms "
+            f"-> ratio {s['zogy_over_fft']:.1f} (target <= 10)"
+        )
+        print(
+            "steps: "
+            + ", ".join(f"{k} {v:.2f} s" for k, v in s["steps_s"].items())
+            + f"; total {s['total_s']:.2f} s (target < 6)"
+        )
+        print(
+            f"peak extra memory {s['peak_extra_memory_mb']:.0f} MiB = "
+            f"{s['memory_over_image']:.1f} x the float32 image (target < 40)"
+        )
+    for kind in ("sim_1024", "decam"):
+        ours = report.get(f"{kind}_one_grid" if kind == "sim_1024" else "decam_fakes")
+        for peer in ("sfft", "properimage"):
+            other = report.get(f"{kind}_{peer}")
+            if ours and other:
+                print(
+                    f"{kind} vs {peer}: speed x{other['seconds'] / ours['seconds']:.1f}, "
+                    f"completeness(≥7) {ours['completeness_snr_ge_7']:.2f} vs "
+                    f"{other['completeness_snr_ge_7']:.2f}, FP/image "
+                    f"{ours['false_positives_per_image']:.1f} vs "
+                    f"{other['false_positives_per_image']:.1f}"
+                )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, few DECam trials")
+    parser.add_argument(
+        "--peers-python",
+        default=os.environ.get("ASTR_PEERS_PYTHON"),
+        help="interpreter with sfft and properimage (install_peers.sh)",
+    )
+    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--json", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    seeds = [0] if args.quick else [0, 1, 2]
+    trials = 2 if args.quick else 10
+    report: dict = {}
+    with tempfile.TemporaryDirectory(prefix="astr-bench-") as tmp:
+        work = Path(tmp)
+        quality_sim(report, seeds, args.peers_python, work)
+        quality_decam(report, trials, 15, args.peers_python, work)
+        if not args.no_speed:
+            speed_2048(report)
+    print_report(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
