@@ -11,7 +11,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pipeline.science.differencing import Difference
-from pipeline.science.preprocessing import MaskBit, PreprocessedPair
+from pipeline.science.preprocessing import FATAL, REPAIRED, MaskBit, PreprocessedPair
 
 __all__ = ["CandidateFlag", "NoDetectionsWarning", "detect_candidates", "find_peaks"]
 
@@ -28,6 +28,7 @@ class CandidateFlag(IntFlag):
     NEAR_SATURATED = 4
     NEAR_REFERENCE_SOURCE = 8
     DIPOLE = 16
+    REPAIRED = 32
 
 
 def find_peaks(
@@ -151,8 +152,9 @@ def _flags(
     flags[(x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)] |= CandidateFlag.EDGE
     iy, ix = np.rint(y).astype(int), np.rint(x).astype(int)
     for bits, radius, flag in (
-        (0xFF, 2.0 * fwhm, CandidateFlag.MASKED),
+        (int(FATAL), 2.0 * fwhm, CandidateFlag.MASKED),
         (int(MaskBit.SATURATED), 4.0 * fwhm, CandidateFlag.NEAR_SATURATED),
+        (int(REPAIRED), 1.0 * fwhm, CandidateFlag.REPAIRED),
     ):
         hits = np.nonzero(pair.mask & bits)
         if len(hits[0]):

@@ -9,7 +9,7 @@ import numpy as np
 from astropy.table import Table
 
 from pipeline.science.masks import grow
-from pipeline.science.preprocessing import PreprocessedPair
+from pipeline.science.preprocessing import FATAL, PreprocessedPair
 from pipeline.science.zogy import zogy
 
 __all__ = ["Difference", "difference_pair", "tile_slices"]
@@ -175,10 +175,14 @@ def difference_pair(
 
         used_backend = "torch" if torch_available() else "numpy"
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
-    invalid = grow(pair.mask > 0, int(np.ceil(mask_growth * fwhm)))
+    invalid = grow((pair.mask & np.uint8(FATAL)) > 0, int(np.ceil(mask_growth * fwhm)))
     invalid |= _edge(shape, int(np.ceil(fwhm)))
     floor = (
-        calibrate_flux_floor(outputs, pair.reference_sources, invalid, fwhm) if flux_floor else 0.0
+        calibrate_flux_floor(
+            outputs, pair.reference_sources, invalid | grow(pair.mask > 0, int(fwhm)), fwhm
+        )
+        if flux_floor
+        else 0.0
     )
     systematic = floor**2 * (outputs["S_N"] ** 2 + outputs["S_R"] ** 2)
     inflation = np.sqrt(1.0 + systematic / outputs["V"])

@@ -9,6 +9,7 @@ __all__ = [
     "bad_column_mask",
     "cosmic_ray_mask",
     "grow",
+    "inpaint",
     "saturation_mask",
 ]
 
@@ -19,6 +20,47 @@ def grow(mask: np.ndarray, radius: int) -> np.ndarray:
         return mask.copy()
     y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
     return ndimage.binary_dilation(mask, structure=(x * x + y * y) <= radius * radius)
+
+
+def inpaint(data: np.ndarray, mask: np.ndarray, *, sigma: float = 1.5) -> np.ndarray:
+    """Fill masked pixels from their unmasked neighbours (normalised Gaussian convolution).
+
+    Small defects (cosmic-ray hits, bad columns a few pixels wide) are repaired so that
+    neither resampling nor the differencing kernels spread them; larger holes are
+    filled by repeating with a wider kernel.
+
+    Parameters
+    ----------
+    data : 2D ndarray
+        Image; values under ``mask`` are ignored.
+    mask : 2D ndarray of bool
+        Pixels to fill.
+    sigma : float
+        Gaussian width (pixels) of the first pass.
+
+    Returns
+    -------
+    2D ndarray of float32
+        A copy with the masked pixels filled.
+    """
+    out = np.asarray(data, dtype=np.float32).copy()
+    todo = mask & np.ones(out.shape, dtype=bool)
+    if not todo.any():
+        return out
+    good = (~todo & np.isfinite(out)).astype(np.float32)
+    values = np.where(good > 0, out, 0.0).astype(np.float32)
+    width = sigma
+    for _ in range(6):
+        weight = ndimage.gaussian_filter(good, width)
+        filled = ndimage.gaussian_filter(values, width) / np.maximum(weight, 1e-12)
+        ready = todo & (weight > 1e-3)
+        out[ready] = filled[ready]
+        todo &= ~ready
+        if not todo.any():
+            break
+        width *= 2
+    out[todo] = 0.0
+    return out
 
 
 def saturation_mask(

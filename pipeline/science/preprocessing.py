@@ -13,13 +13,19 @@ from astropy.wcs import WCS
 
 from pipeline.science.background import estimate_background
 from pipeline.science.image import Image
-from pipeline.science.masks import bad_column_mask, cosmic_ray_mask, grow, saturation_mask
+from pipeline.science.masks import (
+    bad_column_mask,
+    cosmic_ray_mask,
+    grow,
+    inpaint,
+    saturation_mask,
+)
 from pipeline.science.photometry import FluxScale, flux_scale
 from pipeline.science.psf import PSFModel, build_psf
 from pipeline.science.registration import Registration, match_points, refine_wcs, resample
 from pipeline.science.sources import find_sources, select_stars, source_footprints
 
-__all__ = ["MaskBit", "PreprocessedPair", "preprocess_pair"]
+__all__ = ["FATAL", "REPAIRED", "MaskBit", "PreprocessedPair", "preprocess_pair"]
 
 
 class MaskBit(IntFlag):
@@ -30,6 +36,12 @@ class MaskBit(IntFlag):
     BAD_COLUMN = 4
     COSMIC_RAY = 8
     BAD_PIXEL = 16
+
+
+#: Defects that lose the pixel: zeroed in both images, and scores near them are invalid.
+FATAL = MaskBit.NO_DATA | MaskBit.SATURATED
+#: Small defects repaired from their neighbours in the image that has them.
+REPAIRED = MaskBit.BAD_COLUMN | MaskBit.COSMIC_RAY | MaskBit.BAD_PIXEL
 
 
 @dataclass
@@ -232,6 +244,7 @@ def preprocess_pair(
         masks = _image_masks(image, first.level, first.rms, cosmic_rays)
         bits = _combine_bits(masks)
         data, bkg = _subtract_background(image, bits > 0, background_box)
+        data = inpaint(data, (bits & np.uint8(REPAIRED)) > 0)
         raw_bits[role], subtracted[role], rms_maps[role] = bits, data, bkg.rms
     lap("masks_background")
 
@@ -252,7 +265,8 @@ def preprocess_pair(
             registration.refined = False
         else:
             # zero, not NaN: the spline prefilter would spread a NaN along whole rows
-            filled = np.where(raw_bits["science"] > 0, 0.0, subtracted["science"])
+            fatal_sci = (raw_bits["science"] & np.uint8(FATAL)) > 0
+            filled = np.where(fatal_sci, 0.0, subtracted["science"])
             sci_data, valid = resample(filled, registration.wcs, reference.wcs, shape, order=5)
             # resampling lowers the pixel noise but not the noise on PSF scales that the
             # matched filter sees: keep the original noise level for ZOGY's whitening
@@ -264,8 +278,9 @@ def preprocess_pair(
     lap("registration")
 
     mask = sci_bits | raw_bits["reference"]
-    bad = (mask > 0) | ~np.isfinite(sci_data) | ~np.isfinite(subtracted["reference"])
-    mask[bad & (mask == 0)] = np.uint8(MaskBit.NO_DATA)
+    bad = ((mask & np.uint8(FATAL)) > 0) | ~np.isfinite(sci_data)
+    bad |= ~np.isfinite(subtracted["reference"])
+    mask[bad] |= np.uint8(MaskBit.NO_DATA) * ((mask[bad] & np.uint8(FATAL)) == 0)
     # the resampled science has correlated, reduced noise: measure it again on its grid
     residual = estimate_background(sci_data, bad, box=background_box)
     sci = np.where(bad, 0.0, sci_data - residual.level).astype(np.float32)
@@ -282,8 +297,8 @@ def preprocess_pair(
     saturation_ref = reference.saturation - float(np.nanmedian(reference.data))
     stars_ref = select_stars(ref_sources, shape, saturation_level=saturation_ref)
     stars_sci = _science_stars(sci_sources, stars_ref, shape, saturation_sci)
-    psf_sci = build_psf(sci, stars_sci, mask=bad, degree=psf_degree)
-    psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=bad, degree=psf_degree)
+    psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)
+    psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=mask > 0, degree=psf_degree)
     lap("psf")
 
     if flux_ratio is None:

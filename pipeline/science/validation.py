@@ -32,7 +32,7 @@ class Cuts:
     """
 
     min_abs_snr: float = 5.0
-    reject_flags: int = int(CandidateFlag.MASKED | CandidateFlag.EDGE)
+    reject_flags: int = int(CandidateFlag.MASKED | CandidateFlag.EDGE | CandidateFlag.REPAIRED)
     min_fwhm_ratio: float = 0.5
     max_fwhm_ratio: float = 2.0
     max_elongation: float = 2.0
