@@ -94,7 +94,7 @@ def difference_pair(
     flux_floor: bool = True,
     renormalise: bool = True,
     mask_growth: float = 1.5,
-    tile_size: int = 256,
+    tile_size: int = 512,
 ) -> Difference:
     """Run ZOGY on each PSF tile of a preprocessed pair and stitch the products.
 

@@ -22,7 +22,13 @@ from pipeline.science.masks import (
 )
 from pipeline.science.photometry import FluxScale, flux_scale
 from pipeline.science.psf import PSFModel, build_psf
-from pipeline.science.registration import Registration, match_points, refine_wcs, resample
+from pipeline.science.registration import (
+    Registration,
+    match_points,
+    pixel_map,
+    refine_wcs,
+    resample,
+)
 from pipeline.science.sources import find_sources, select_stars, source_footprints
 
 __all__ = ["FATAL", "REPAIRED", "MaskBit", "PreprocessedPair", "preprocess_pair"]
@@ -165,7 +171,8 @@ def _science_stars(
         np.column_stack([reference_stars["x"], reference_stars["y"]]),
         1.5,
     )
-    return usable[ia] if len(ia) >= max(5, len(own) // 2) else own
+    enough = len(ia) >= 2 and len(ia) >= min(5, len(reference_stars))
+    return usable[ia] if enough else own
 
 
 def _same_grid(wcs_a: WCS, wcs_b: WCS, shape: tuple[int, int], tolerance: float = 0.02) -> bool:
@@ -237,6 +244,7 @@ def preprocess_pair(
         clock = now
 
     raw_bits = {}
+    backgrounds = {}
     subtracted = {}
     rms_maps = {}
     for role, image in (("science", science), ("reference", reference)):
@@ -246,6 +254,7 @@ def preprocess_pair(
         data, bkg = _subtract_background(image, bits > 0, background_box)
         data = inpaint(data, (bits & np.uint8(REPAIRED)) > 0)
         raw_bits[role], subtracted[role], rms_maps[role] = bits, data, bkg.rms
+        backgrounds[role] = bkg.global_level
     lap("masks_background")
 
     ref_sources = find_sources(
@@ -267,11 +276,14 @@ def preprocess_pair(
             # zero, not NaN: the spline prefilter would spread a NaN along whole rows
             fatal_sci = (raw_bits["science"] & np.uint8(FATAL)) > 0
             filled = np.where(fatal_sci, 0.0, subtracted["science"])
-            sci_data, valid = resample(filled, registration.wcs, reference.wcs, shape, order=5)
+            coords = pixel_map(registration.wcs, reference.wcs, shape)
+            sci_data, valid = resample(
+                filled, registration.wcs, reference.wcs, shape, order=5, coords=coords
+            )
             # resampling lowers the pixel noise but not the noise on PSF scales that the
             # matched filter sees: keep the original noise level for ZOGY's whitening
             sci_noise, _ = resample(
-                rms_maps["science"], registration.wcs, reference.wcs, shape, order=1
+                rms_maps["science"], registration.wcs, reference.wcs, shape, order=1, coords=coords
             )
             sci_bits = _map_mask_bits(raw_bits["science"], registration.wcs, reference.wcs, shape)
             sci_bits[~valid & (sci_bits == 0)] |= np.uint8(MaskBit.NO_DATA)
@@ -293,8 +305,8 @@ def preprocess_pair(
     lap("grid_background")
 
     sci_sources = find_sources(sci, sci_rms, bad)
-    saturation_sci = science.saturation - float(np.nanmedian(science.data))
-    saturation_ref = reference.saturation - float(np.nanmedian(reference.data))
+    saturation_sci = science.saturation - backgrounds["science"]
+    saturation_ref = reference.saturation - backgrounds["reference"]
     stars_ref = select_stars(ref_sources, shape, saturation_level=saturation_ref)
     stars_sci = _science_stars(sci_sources, stars_ref, shape, saturation_sci)
     psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)

@@ -78,8 +78,10 @@ def save_preprocessed(pair: PreprocessedPair, path: str | os.PathLike[str]) -> N
     header = pair.wcs.to_header()
     header["ASTRMETA"] = json.dumps(_pre_meta(pair))
     hdus: list[Any] = [fits.PrimaryHDU(header=header)]
+    image_header = pair.wcs.to_header()
     for name in _PRE_IMAGES:
-        hdus.append(fits.ImageHDU(getattr(pair, name).astype(np.float32), name=name.upper()))
+        data = getattr(pair, name).astype(np.float32)
+        hdus.append(fits.ImageHDU(data, header=image_header, name=name.upper()))
     hdus.append(fits.ImageHDU(pair.mask.astype(np.uint8), name="MASK"))
     hdus.append(fits.ImageHDU(pair.psf_science.basis, name="PSF_SCI"))
     hdus.append(fits.ImageHDU(pair.psf_reference.basis, name="PSF_REF"))
@@ -92,7 +94,7 @@ def load_preprocessed(path: str | os.PathLike[str]) -> PreprocessedPair:
     """Read a file written by :func:`save_preprocessed`."""
     with _open(path, "preprocessed pair") as hdul:
         meta = json.loads(hdul[0].header["ASTRMETA"])
-        wcs = WCS(hdul[0].header)
+        wcs = WCS(hdul["SCIENCE"].header)
         images = {name: hdul[name.upper()].data.astype(np.float32) for name in _PRE_IMAGES}
         shape = images["science"].shape
         reg = meta["registration"]
@@ -104,12 +106,14 @@ def load_preprocessed(path: str | os.PathLike[str]) -> PreprocessedPair:
                 shape,
                 int(meta["psf_science_stars"]),
                 meta["fwhm_science"],
+                meta.get("psf_science_error", 0.0),
             ),
             psf_reference=PSFModel(
                 hdul["PSF_REF"].data.astype(np.float32),
                 shape,
                 int(meta["psf_reference_stars"]),
                 meta["fwhm_reference"],
+                meta.get("psf_reference_error", 0.0),
             ),
             flux=FluxScale(**meta["flux"]),
             registration=None
@@ -135,6 +139,8 @@ def _pre_meta(pair: PreprocessedPair) -> dict[str, Any]:
         "fwhm_reference": pair.psf_reference.fwhm,
         "psf_science_stars": pair.psf_science.n_stars,
         "psf_reference_stars": pair.psf_reference.n_stars,
+        "psf_science_error": pair.psf_science.model_error,
+        "psf_reference_error": pair.psf_reference.model_error,
         "flux": {
             "ratio": pair.flux.ratio,
             "error": pair.flux.error,
@@ -160,6 +166,7 @@ def save_difference(diff: Difference, wcs: WCS, path: str | os.PathLike[str]) ->
     header["SCORRSC"] = (diff.scorr_scale, "robust std of S_corr before renormalising")
     header["BACKEND"] = (diff.backend, "where the transforms ran")
     header["ZOGYSEC"] = (round(diff.seconds, 4), "seconds spent in ZOGY")
+    header["FLXFLOOR"] = (diff.flux_floor, "fractional flux-error floor in V_S")
     hdus: list[Any] = [fits.PrimaryHDU(header=header)]
     for name in _DIFF_IMAGES:
         hdus.append(
@@ -183,8 +190,9 @@ def load_difference(path: str | os.PathLike[str]) -> tuple[Difference, WCS]:
             scorr_scale=float(head["SCORRSC"]),
             backend=str(head["BACKEND"]),
             seconds=float(head["ZOGYSEC"]),
+            flux_floor=float(head.get("FLXFLOOR", 0.0)),
         )
-        return diff, WCS(head)
+        return diff, WCS(hdul["D"].header)
 
 
 def write_candidates(

@@ -242,27 +242,33 @@ def _recentre(basis: np.ndarray) -> np.ndarray:
 def _star_stamps(
     data: np.ndarray, stars: Table, size: int, mask: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Recentre each star on its stamp centre and normalise it to unit flux."""
+    """Recentre each star on its stamp centre and normalise it by its central flux.
+
+    Stamps may reach past the image edge (those pixels count as missing), so stars
+    near the border still help; each is normalised by the flux in a central box that
+    must be complete, and the model is renormalised to unit sum at the end.
+    """
     half = size // 2
     pad = 3
     big = half + pad
-    core = max(2, size // 7)
+    box = min(half, max(3, (3 * size) // 20))  # about 1.5 FWHM
+    padded = np.pad(np.asarray(data, dtype=np.float64), big, constant_values=np.nan)
+    bad_all = ~np.isfinite(padded)
+    if mask is not None:
+        bad_all[big:-big, big:-big] |= mask
     stamps, xs, ys, fluxes = [], [], [], []
     for x, y in zip(np.asarray(stars["x"]), np.asarray(stars["y"]), strict=True):
-        ix, iy = int(np.rint(x)), int(np.rint(y))
-        if iy - big < 0 or ix - big < 0 or iy + big >= data.shape[0] or ix + big >= data.shape[1]:
-            continue
-        cut = data[iy - big : iy + big + 1, ix - big : ix + big + 1].astype(np.float64)
-        bad = ~np.isfinite(cut)
-        if mask is not None:
-            bad |= mask[iy - big : iy + big + 1, ix - big : ix + big + 1]
-        if bad[big - core : big + core + 1, big - core : big + core + 1].any():
-            continue  # a bad pixel in the core spoils the star; in the wings it is skipped
-        shifted = ndimage.shift(np.where(bad, 0.0, cut), (iy - y, ix - x), order=3, mode="nearest")
-        lost = ndimage.shift(bad.astype(float), (iy - y, ix - x), order=1) > 0.01
+        ix, iy = int(np.rint(x)) + big, int(np.rint(y)) + big
+        window = (slice(iy - big, iy + big + 1), slice(ix - big, ix + big + 1))
+        cut, bad = padded[window], bad_all[window]
+        if bad[big - box : big + box + 1, big - box : big + box + 1].any():
+            continue  # the centre must be complete; missing wing pixels are skipped
+        shift = (iy - big - y, ix - big - x)
+        shifted = ndimage.shift(np.where(bad, 0.0, cut), shift, order=3, mode="nearest")
+        lost = ndimage.shift(bad.astype(float), shift, order=1) > 0.01
         stamp = np.where(lost, np.nan, shifted)[pad:-pad, pad:-pad]
-        total = np.nansum(stamp)
-        if total <= 0:
+        total = float(np.sum(stamp[half - box : half + box + 1, half - box : half + box + 1]))
+        if not total > 0:
             continue
         stamps.append(stamp / total)
         xs.append(x)

@@ -245,7 +245,13 @@ def pixel_map(
 
 
 def resample(
-    data: np.ndarray, wcs: WCS, target_wcs: WCS, shape: tuple[int, int], *, order: int = 3
+    data: np.ndarray,
+    wcs: WCS,
+    target_wcs: WCS,
+    shape: tuple[int, int],
+    *,
+    order: int = 3,
+    coords: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Bicubic-spline resampling of an image onto another grid (fast path of reprojection).
 
@@ -262,6 +268,8 @@ def resample(
         (ny, nx) of the output grid.
     order : int
         Spline order (3: bicubic, 1: bilinear for smooth maps such as noise).
+    coords : tuple of 2D ndarray, optional
+        The output of :func:`pixel_map` for these WCSs, when already computed.
 
     Returns
     -------
@@ -270,7 +278,7 @@ def resample(
     footprint : 2D ndarray of bool
         Where the output has valid data.
     """
-    sy, sx = pixel_map(wcs, target_wcs, shape)
+    sy, sx = pixel_map(wcs, target_wcs, shape) if coords is None else coords
     out = ndimage.map_coordinates(
         np.asarray(data, dtype=np.float32),
         [sy, sx],

@@ -100,8 +100,8 @@ def validate_candidates(
     out["catalog_sep_arcsec"] = cat_sep
     out["rb_score"] = np.full(n, np.nan) if rb_scores is None else np.asarray(rb_scores, float)
     reasons = [_reasons(row, cuts, psf_fwhm) for row in out]
-    out["reject_reason"] = [",".join(r) for r in reasons]
-    out["passed"] = [not r for r in reasons]
+    out["reject_reason"] = np.array([",".join(r) for r in reasons], dtype=str)
+    out["passed"] = np.array([not r for r in reasons], dtype=bool)
     return out
 
 
