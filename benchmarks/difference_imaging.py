@@ -24,6 +24,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -38,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import scipy.fft
-from astropy.table import Table, vstack
+from astropy.table import Table
 from scipy.optimize import curve_fit
 from scipy.spatial import cKDTree
 
@@ -133,12 +134,12 @@ def summarise(outcome: Outcome) -> dict:
     """Completeness per bin, S/N at 50 %, false positives, bias and pull width."""
     snr, found = np.asarray(outcome.snr), np.asarray(outcome.found, dtype=float)
     bins = {}
-    for lo, hi in zip(SNR_BINS[:-1], SNR_BINS[1:], strict=True):
+    for lo, hi in itertools.pairwise(SNR_BINS):
         m = (snr >= lo) & (snr < hi)
         bins[f"{lo}-{hi}"] = (float(found[m].mean()) if m.any() else float("nan"), int(m.sum()))
     above7 = snr >= 7
     try:
-        (s50, width), _ = curve_fit(
+        (s50, _), _ = curve_fit(
             lambda s, a, b: 1 / (1 + np.exp(-(s - a) / b)),
             snr,
             found,
@@ -161,7 +162,7 @@ def summarise(outcome: Outcome) -> dict:
         "pull_width": float(1.4826 * np.median(np.abs(pull - np.median(pull))))
         if len(pull)
         else float("nan"),
-        "n_flux": int(len(ratio)),
+        "n_flux": len(ratio),
     }
 
 
@@ -399,7 +400,8 @@ def print_report(report: dict) -> None:
         print(
             f"{name:<27} {bins}  {row['completeness_snr_ge_7']:5.2f}  {row['snr_50']:5.2f}  "
             f"{row['false_positives_per_image']:7.1f} {row['false_positives_raw_per_image']:7.1f} "
-            f"{row['flux_bias']:+6.3f} {row['pull_width']:5.2f} {row.get('seconds', float('nan')):6.2f}"
+            f"{row['flux_bias']:+6.3f} {row['pull_width']:5.2f} "
+            f"{row.get('seconds', float('nan')):6.2f}"
         )
     if "speed_2048" in report:
         s = report["speed_2048"]

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from astropy.table import Table
 
+from pipeline.science.background import estimate_background
 from pipeline.science.masks import grow
 from pipeline.science.preprocessing import FATAL, PreprocessedPair
 from pipeline.science.zogy import zogy
@@ -188,10 +189,17 @@ def difference_pair(
     inflation = np.sqrt(1.0 + systematic / outputs["V"])
     outputs["S_corr"] = outputs["S"] / np.sqrt(outputs["V"] + systematic)
     outputs["err"] *= inflation
-    scale = _robust_std(outputs["S_corr"][~invalid]) if renormalise else 1.0
+    # a measured spread below 1 means the variance was overestimated: keep it (never
+    # sharpen significances), only ever widen
+    scale = max(_robust_std(outputs["S_corr"][~invalid]), 1.0) if renormalise else 1.0
     if renormalise and scale > 0:
         outputs["S_corr"] /= scale
         outputs["err"] *= scale
+    # both backgrounds absorb some undetected faint-source light, unequally: remove the
+    # smooth offset this leaves, so the ±threshold cuts mean what they say
+    offset = estimate_background(outputs["S_corr"], invalid, box=64).level
+    outputs["S_corr"] -= offset
+    outputs["alpha"] -= offset * outputs["err"]
     for key in ("S_corr", "S", "alpha", "D"):
         outputs[key][invalid] = 0.0
     return Difference(

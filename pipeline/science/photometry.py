@@ -9,7 +9,7 @@ import sep
 
 from pipeline.errors import ScienceError
 
-__all__ = ["FluxScale", "flux_scale"]
+__all__ = ["FluxScale", "aperture_fraction", "flux_scale"]
 
 
 @dataclass
@@ -46,6 +46,7 @@ def flux_scale(
     rms_reference: np.ndarray | float,
     mask: np.ndarray | None = None,
     min_snr: float = 20.0,
+    aperture_correction: float = 1.0,
 ) -> FluxScale:
     """Ratio of aperture fluxes of the same stars in two images on one grid.
 
@@ -65,6 +66,9 @@ def flux_scale(
         Bad pixels; stars touching one are skipped.
     min_snr : float
         Minimum S/N of a star in both images.
+    aperture_correction : float
+        (Reference PSF's share of flux in the aperture) / (science PSF's share): the
+        broader PSF loses more light outside the aperture.
 
     Returns
     -------
@@ -90,7 +94,12 @@ def flux_scale(
     ratios = fs[good] / fr[good]
     noise = ratios * np.sqrt((es[good] / fs[good]) ** 2 + (er[good] / fr[good]) ** 2)
     ratio, error, scatter = _robust_ratio(ratios, noise)
-    return FluxScale(ratio=ratio, error=error, scatter=scatter, n_stars=int(good.sum()))
+    # the star-to-star scatter beyond noise limits the mean as much as the noise does
+    error = float(np.hypot(error, scatter * ratio / np.sqrt(good.sum())))
+    ratio *= aperture_correction
+    return FluxScale(
+        ratio=ratio, error=error * aperture_correction, scatter=scatter, n_stars=int(good.sum())
+    )
 
 
 def _robust_ratio(ratios: np.ndarray, noise: np.ndarray) -> tuple[float, float, float]:
@@ -110,3 +119,11 @@ def _robust_ratio(ratios: np.ndarray, noise: np.ndarray) -> tuple[float, float, 
     excess = max(0.0, float(np.median(chi**2) / 0.455) - 1.0)  # 0.455: median of χ²(1)
     scatter = float(np.sqrt(excess * np.median((noise[keep] / mean) ** 2)))
     return mean, error, scatter
+
+
+def aperture_fraction(psf: np.ndarray, radius: float) -> float:
+    """Share of a PSF stamp's flux inside a circular aperture of ``radius`` pixels."""
+    ny, nx = psf.shape
+    yy, xx = np.indices(psf.shape)
+    r = np.hypot(yy - (ny - 1) / 2, xx - (nx - 1) / 2)
+    return float(psf[r <= radius].sum() / psf.sum())

@@ -20,7 +20,7 @@ from pipeline.science.masks import (
     inpaint,
     saturation_mask,
 )
-from pipeline.science.photometry import FluxScale, flux_scale
+from pipeline.science.photometry import FluxScale, aperture_fraction, flux_scale
 from pipeline.science.psf import PSFModel, build_psf
 from pipeline.science.registration import (
     Registration,
@@ -321,6 +321,9 @@ def preprocess_pair(
         )
         use = stars_sci[ia] if len(ia) >= 3 else ref_sources
         radius = 3.0 * max(psf_sci.fwhm, psf_ref.fwhm)
+        correction = aperture_fraction(psf_ref.global_stamp, radius) / aperture_fraction(
+            psf_sci.global_stamp, radius
+        )
         scale = flux_scale(
             sci,
             ref,
@@ -330,6 +333,7 @@ def preprocess_pair(
             rms_science=sci_rms,
             rms_reference=ref_rms,
             mask=bad,
+            aperture_correction=correction,
         )
     else:
         scale = FluxScale(ratio=float(flux_ratio), error=0.0, scatter=0.0, n_stars=0)

@@ -67,6 +67,12 @@ def _atomic_write(hdul: fits.HDUList, path: str | os.PathLike[str]) -> None:
         Path(tmp).unlink(missing_ok=True)
 
 
+def _json_hdu(data: dict[str, Any], name: str) -> fits.ImageHDU:
+    """JSON as bytes in an image extension: header cards mangle long strings and quotes."""
+    raw = np.frombuffer(json.dumps(data).encode("utf-8"), dtype=np.uint8)
+    return fits.ImageHDU(raw, name=name)
+
+
 def _open(path: str | os.PathLike[str], what: str) -> fits.HDUList:
     if not Path(path).is_file():
         raise ScienceError(f"{path} not found: run the step that makes the {what} first")
@@ -76,8 +82,7 @@ def _open(path: str | os.PathLike[str], what: str) -> fits.HDUList:
 def save_preprocessed(pair: PreprocessedPair, path: str | os.PathLike[str]) -> None:
     """Write a preprocessed pair to one multi-extension FITS file (atomically)."""
     header = pair.wcs.to_header()
-    header["ASTRMETA"] = json.dumps(_pre_meta(pair))
-    hdus: list[Any] = [fits.PrimaryHDU(header=header)]
+    hdus: list[Any] = [fits.PrimaryHDU(header=header), _json_hdu(_pre_meta(pair), "META")]
     image_header = pair.wcs.to_header()
     for name in _PRE_IMAGES:
         data = getattr(pair, name).astype(np.float32)
@@ -93,7 +98,7 @@ def save_preprocessed(pair: PreprocessedPair, path: str | os.PathLike[str]) -> N
 def load_preprocessed(path: str | os.PathLike[str]) -> PreprocessedPair:
     """Read a file written by :func:`save_preprocessed`."""
     with _open(path, "preprocessed pair") as hdul:
-        meta = json.loads(hdul[0].header["ASTRMETA"])
+        meta = json.loads(hdul["META"].data.tobytes().decode("utf-8"))
         wcs = WCS(hdul["SCIENCE"].header)
         images = {name: hdul[name.upper()].data.astype(np.float32) for name in _PRE_IMAGES}
         shape = images["science"].shape
@@ -119,7 +124,7 @@ def load_preprocessed(path: str | os.PathLike[str]) -> PreprocessedPair:
             registration=None
             if reg is None
             else Registration(
-                wcs=wcs,
+                wcs=WCS(fits.Header.fromstring(reg["wcs"])),
                 n_matched=reg["n_matched"],
                 offset=tuple(reg["offset"]),
                 rms=tuple(reg["rms"]),
@@ -150,6 +155,7 @@ def _pre_meta(pair: PreprocessedPair) -> dict[str, Any]:
         "registration": None
         if reg is None
         else {
+            "wcs": reg.wcs.to_header().tostring(),
             "n_matched": reg.n_matched,
             "offset": list(reg.offset),
             "rms": list(reg.rms),

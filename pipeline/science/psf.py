@@ -79,13 +79,21 @@ def psf_stamp_size(fwhm: float, *, minimum: int = 15, maximum: int = 81) -> int:
 
 
 def measure_fwhm(psf: np.ndarray) -> float:
-    """FWHM (pixels) of a PSF stamp from the area above half maximum: 2·sqrt(A/π)."""
+    """FWHM (pixels) of a PSF stamp from the area above half maximum: 2·sqrt(A/π).
+
+    The stamp is interpolated onto a grid 8 times finer (cubic spline, sample points
+    at the original pixel centres' subdivisions) so the area counts fractional pixels.
+    """
     peak = float(psf.max())
     if peak <= 0:
         raise ScienceError("PSF stamp has no positive peak")
-    # upsample so the area counts fractional pixels well
-    fine = ndimage.zoom(psf.astype(np.float64), 4, order=3)
-    area = np.count_nonzero(fine >= 0.5 * fine.max()) / 16.0
+    factor = 8
+    ny, nx = psf.shape
+    fy = (np.arange(ny * factor) + 0.5) / factor - 0.5
+    fx = (np.arange(nx * factor) + 0.5) / factor - 0.5
+    grid = np.meshgrid(fy, fx, indexing="ij")
+    fine = ndimage.map_coordinates(psf.astype(np.float64), grid, order=3, mode="nearest")
+    area = np.count_nonzero(fine >= 0.5 * fine.max()) / factor**2
     return float(2.0 * np.sqrt(area / np.pi))
 
 
@@ -182,7 +190,10 @@ def _smooth_wings(basis: np.ndarray, fwhm: float) -> np.ndarray:
     smooth = basis.copy()
     smooth[0] = weight * basis[0] + (1.0 - weight) * profile[rings]
     smooth[1:] = weight * basis[1:]
-    return smooth
+    # beyond the inscribed circle only the stamp's corners remain, too few pixels for a
+    # profile: fade the wings to zero there (they hold a negligible share of the flux)
+    edge = np.clip((centre - radius) / max(0.15 * centre, 1.0), 0.0, 1.0)
+    return smooth * edge
 
 
 def _model_error(stamps: np.ndarray, model: np.ndarray) -> float:

@@ -1,0 +1,164 @@
+"""Candidate detection on constructed score maps: peaks, positions, measurements and flags."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from pipeline.science.detection import (
+    CandidateFlag,
+    NoDetectionsWarning,
+    detect_candidates,
+    find_peaks,
+)
+from pipeline.science.differencing import Difference
+from pipeline.science.preprocessing import MaskBit
+from pipeline.science.psf import measure_fwhm
+from pipeline.science.psfmodel import moffat_psf
+
+SHAPE = (128, 128)
+FWHM = 3.0
+PSF = moffat_psf(25, FWHM, 3.0)
+
+
+def test_find_peaks_returns_both_signs_above_threshold_strongest_first() -> None:
+    score = np.zeros((64, 64))
+    score[10, 20] = 8.0
+    score[40, 30] = -6.0
+    score[50, 50] = 4.0  # below threshold
+    score[20, 50] = 7.0
+    score[20, 52] = 6.5  # inside the 5×5 box of the stronger one
+    ys, xs = find_peaks(score, 5.0, box=5)
+    assert list(zip(ys, xs, strict=True)) == [(10, 20), (20, 50), (40, 30)]
+    ys, xs = find_peaks(score, 5.0, box=3)
+    assert (20, 52) in set(zip(ys, xs, strict=True))
+    invalid = np.zeros(score.shape, dtype=bool)
+    invalid[10, 20] = True
+    ys, xs = find_peaks(score, 5.0, box=5, invalid=invalid)
+    assert (10, 20) not in set(zip(ys, xs, strict=True)) and len(ys) == 2
+
+
+def gaussian_bump(x0: float, y0: float, amplitude: float) -> np.ndarray:
+    sigma = FWHM / 2.3548
+    yy, xx = np.indices(SHAPE)
+    return amplitude * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
+
+
+# (x, y, S/N, expected flags); the masks and the reference source below go with them
+PEAKS = [
+    (40.3, 30.6, 10.0, 0),
+    (6.0, 64.0, 8.0, CandidateFlag.EDGE),
+    (90.0, 30.0, 9.0, CandidateFlag.MASKED),
+    (30.0, 100.0, 7.0, CandidateFlag.NEAR_SATURATED),
+    (64.0, 64.0, 12.0, CandidateFlag.NEAR_REFERENCE_SOURCE),
+    (100.0, 95.0, 8.0, CandidateFlag.DIPOLE),
+    (100.0, 100.0, -8.0, CandidateFlag.DIPOLE),
+]
+
+
+@pytest.fixture(scope="module")
+def detected(make_pair, tan_wcs):
+    score = sum(gaussian_bump(x, y, s) for x, y, s, _ in PEAKS)
+    score += gaussian_bump(110.0, 20.0, 4.0)  # below the 5σ threshold
+    mask = np.zeros(SHAPE, dtype=np.uint8)
+    mask[30, 94] = MaskBit.NO_DATA  # 4 px from the third peak: within 2 FWHM
+    mask[100, 40] = MaskBit.SATURATED  # 10 px from the fourth: within 4 FWHM, beyond 2
+    reference_sources = Table({"x": [66.0], "y": [65.0], "flux": [1e4], "snr": [100.0]})
+    wcs = tan_wcs(SHAPE)
+    pair = make_pair(
+        np.zeros(SHAPE),
+        np.zeros(SHAPE),
+        psf_science=PSF,
+        psf_reference=PSF,
+        sigma_science=10.0,
+        sigma_reference=5.0,
+        mask=mask,
+        wcs=wcs,
+        reference_sources=reference_sources,
+    )
+    diff = Difference(
+        D=score.astype(np.float32),
+        S=score.astype(np.float32),
+        S_corr=score.astype(np.float32),
+        alpha=(100.0 * score).astype(np.float32),  # 100 ADU per σ
+        alpha_err=np.full(SHAPE, 100.0, dtype=np.float32),
+        P_D=PSF.astype(np.float32),
+        F_D=1.0,
+        invalid=np.zeros(SHAPE, dtype=bool),
+        scorr_scale=1.0,
+        backend="numpy",
+    )
+    return detect_candidates(diff, pair), pair
+
+
+def nearest_row(table: Table, x: float, y: float):
+    distance = np.hypot(np.asarray(table["x"]) - x, np.asarray(table["y"]) - y)
+    return table[int(np.argmin(distance))], float(distance.min())
+
+
+def test_every_peak_above_threshold_is_found_once(detected) -> None:
+    table, _ = detected
+    assert len(table) == len(PEAKS)
+    assert list(table["candidate_id"]) == list(range(1, len(PEAKS) + 1))
+    assert np.all(np.diff(np.abs(np.asarray(table["snr"]))) <= 0)  # strongest first
+
+
+def test_positions_are_subpixel_and_measurements_read_at_the_peak(detected) -> None:
+    table, pair = detected
+    for x, y, snr, _ in PEAKS:
+        row, distance = nearest_row(table, x, y)
+        assert distance < 0.1
+        # read at the peak pixel (up to 8% low for this sharp peak) or interpolated
+        at_pixel = gaussian_bump(x, y, snr)[round(y), round(x)]
+        assert abs(at_pixel) - 0.3 <= abs(row["snr"]) <= abs(snr) + 0.3
+        assert row["sign"] == np.sign(snr)
+        assert row["flux"] == pytest.approx(100.0 * row["snr"], rel=1e-5)
+        assert row["flux_err"] == pytest.approx(100.0)
+    row, _ = nearest_row(table, 40.3, 30.6)
+    assert row["fwhm"] == pytest.approx(FWHM, rel=0.05)
+    assert row["elongation"] == pytest.approx(1.0, abs=0.05)
+    world = pair.wcs.pixel_to_world(row["x"], row["y"])
+    assert row["ra"] == pytest.approx(world.ra.deg, abs=1e-9)
+    assert row["dec"] == pytest.approx(world.dec.deg, abs=1e-9)
+
+
+def test_flags_are_set_by_edges_masks_sources_and_dipoles(detected) -> None:
+    table, _ = detected
+    for x, y, _, flags in PEAKS:
+        row, _ = nearest_row(table, x, y)
+        assert row["flags"] == int(flags), f"peak at ({x}, {y}): {CandidateFlag(row['flags'])!r}"
+
+
+def test_an_empty_score_map_warns_and_returns_an_empty_table(make_pair) -> None:
+    pair = make_pair(
+        np.zeros(SHAPE),
+        np.zeros(SHAPE),
+        psf_science=PSF,
+        psf_reference=PSF,
+        sigma_science=1.0,
+        sigma_reference=1.0,
+    )
+    zeros = np.zeros(SHAPE, dtype=np.float32)
+    diff = Difference(
+        D=zeros,
+        S=zeros,
+        S_corr=zeros,
+        alpha=zeros,
+        alpha_err=zeros + 1,
+        P_D=PSF,
+        F_D=1.0,
+        invalid=np.zeros(SHAPE, dtype=bool),
+        scorr_scale=1.0,
+        backend="numpy",
+    )
+    with pytest.warns(NoDetectionsWarning):
+        table = detect_candidates(diff, pair, threshold=3.0)
+    assert len(table) == 0
+    assert table["flags"].dtype.kind == "i" and table["x"].dtype.kind == "f"
+
+
+def test_constructed_cases_sit_inside_the_flag_radii() -> None:
+    # the flag radii scale with the measured FWHM; keep the constructed cases meaningful
+    assert 2.0 * measure_fwhm(PSF) > 4.0 + 1.0  # the NO_DATA pixel is inside 2 FWHM
+    assert 2.0 * measure_fwhm(PSF) < 10.0 < 4.0 * measure_fwhm(PSF)

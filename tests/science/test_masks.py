@@ -1,0 +1,115 @@
+"""Bad-pixel masks: cosmic rays sharper than any PSF, bad columns, grown saturation blobs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from pipeline.science.masks import bad_column_mask, cosmic_ray_mask, grow, saturation_mask
+
+SKY, GAIN = 100.0, 2.0
+SIGMA = float(np.sqrt(SKY * GAIN) / GAIN)  # Poisson sky noise in ADU
+
+
+@pytest.fixture
+def star_field(grid_positions, render_stars):
+    """256² sky with Poisson noise and a jittered grid of stars; raw ADU, sky included."""
+
+    def make(fwhm: float, seed: int, flux: tuple[float, float] = (1e3, 1e6)):
+        rng = np.random.default_rng(seed)
+        x, y = grid_positions((256, 256), 32.0, margin=16.0, jitter=4.0, seed=seed)
+        f = np.exp(rng.uniform(np.log(flux[0]), np.log(flux[1]), x.size))
+        model = SKY + render_stars((256, 256), x, y, f, fwhm)
+        data = rng.poisson(model * GAIN) / GAIN
+        return data.astype(np.float32), x, y, f
+
+    return make
+
+
+@pytest.mark.parametrize("fwhm", [2.5, 3.5])
+def test_cosmic_rays_are_flagged_and_star_cores_are_not(star_field, fwhm: float) -> None:
+    data, x, y, flux = star_field(fwhm, seed=1)
+    # halfway between the grid's stars (at 16 + 32k, jittered by < 4 px) the sky is empty
+    data[128, 64] += 40 * SIGMA  # single-pixel hit
+    track = [(191 + k, 159 + k) for k in range(3)]  # 3-pixel diagonal track
+    for ty, tx in track:
+        data[ty, tx] += 15 * SIGMA
+    mask = cosmic_ray_mask(data, SKY, SIGMA, gain=GAIN)
+
+    assert mask[128, 64]
+    assert all(mask[ty, tx] for ty, tx in track)
+    # no star is touched, including those with ~1e6 ADU peaks well above the sky noise
+    iy, ix = np.rint(y).astype(int), np.rint(x).astype(int)
+    assert not mask[iy, ix].any(), f"star cores flagged at fluxes {flux[mask[iy, ix]]}"
+    # everything flagged lies within the 1-px growth (plus joined neighbours) of the hits
+    hits = np.zeros_like(mask)
+    hits[128, 64] = True
+    for ty, tx in track:
+        hits[ty, tx] = True
+    assert not (mask & ~grow(hits, 3)).any()
+
+
+def test_cosmic_ray_mask_is_empty_on_a_clean_star_field(star_field) -> None:
+    data, *_ = star_field(2.5, seed=2)
+    assert not cosmic_ray_mask(data, SKY, SIGMA, gain=GAIN).any()
+
+
+def test_dead_and_hot_columns_are_flagged_over_their_stretch_only(star_field) -> None:
+    raw, *_ = star_field(3.0, seed=3, flux=(5e4, 2e6))
+    data = raw - SKY
+    data[40:200, 60] = -SKY  # dead: reads 0 ADU raw
+    data[100:, 150] += 20 * SIGMA  # hot, from a trap to the top edge
+    mask = bad_column_mask(data, SIGMA)
+
+    assert mask[40:200, 60].mean() == 1.0
+    assert mask[100:, 150].mean() > 0.95
+    # not beyond the stretch (the window extends it by at most half its 16-px length)
+    assert not mask[:30, 60].any() and not mask[210:, 60].any()
+    assert not mask[:90, 150].any()
+    # nothing away from the two columns: no star column (the dead column's neighbours,
+    # pulled half as far the other way, join it in patches, hence two pixels)
+    columns = np.zeros(mask.shape, dtype=bool)
+    columns[:, [60, 150]] = True
+    assert not (mask & ~ndimage.binary_dilation(columns, iterations=2)).any()
+
+
+def test_bright_stars_alone_make_no_bad_column(star_field) -> None:
+    raw, *_ = star_field(2.5, seed=4, flux=(1e5, 5e6))
+    assert not bad_column_mask(raw - SKY, SIGMA).any()
+
+
+def test_saturation_blobs_grow_with_their_width() -> None:
+    data = np.zeros((200, 200), dtype=np.float32)
+    data[50, 50] = 1000.0  # one pixel: grown by radius 3 + 1·width 1 = 4
+    data[120:160, 118:123] = 1000.0  # 5 columns wide bleed: grown by 3 + 5 = 8
+    mask = saturation_mask(data, 1000.0)
+    labels, count = ndimage.label(mask)
+    assert count == 2
+    boxes = ndimage.find_objects(labels)
+    # (rows, columns) extent of each grown blob
+    extents = sorted((b[0].stop - b[0].start, b[1].stop - b[1].start) for b in boxes)
+    assert extents == [(9, 9), (40 + 16, 5 + 16)]
+    # the single pixel covers at least the disc of radius 4
+    yy, xx = np.indices(mask.shape)
+    assert mask[np.hypot(yy - 50, xx - 50) <= 4].all()
+
+
+def test_saturation_threshold_is_98_percent_and_infinite_level_masks_nothing() -> None:
+    data = np.zeros((40, 40), dtype=np.float32)
+    data[10, 10] = 979.0
+    data[30, 30] = 981.0
+    mask = saturation_mask(data, 1000.0, radius=0, scale=0.0)
+    assert mask.sum() == 1 and mask[30, 30]
+    assert not saturation_mask(data, np.inf).any()
+
+
+def test_grow_reaches_radius_pixels_and_no_further() -> None:
+    mask = np.zeros((21, 21), dtype=bool)
+    mask[10, 10] = True
+    grown = grow(mask, 3)
+    yy, xx = np.indices(mask.shape)
+    assert grown[np.hypot(yy - 10, xx - 10) <= 3].all()  # the whole disc
+    assert not grown[np.maximum(abs(yy - 10), abs(xx - 10)) > 3].any()  # within the square
+    assert grow(mask, 0).sum() == 1
+    assert grow(mask, 0) is not mask

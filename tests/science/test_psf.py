@@ -1,0 +1,127 @@
+"""Empirical PSF models: shape recovered from stars, spatial variation, normalisation, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.errors import ScienceError
+from pipeline.science.psf import build_psf, measure_fwhm, psf_stamp_size
+from pipeline.science.psfmodel import moffat_psf
+from pipeline.science.sources import find_sources, select_stars
+
+SIGMA = 5.0
+SHAPE = (384, 384)
+
+
+@pytest.fixture(scope="module")
+def field(grid_positions, render_stars):
+    """Render a jittered grid of 49 isolated stars (2e4 to 2e5 ADU) plus Gaussian noise."""
+
+    def make(fwhm, seed: int, beta: float = 3.0):
+        rng = np.random.default_rng(seed)
+        x, y = grid_positions(SHAPE, 48.0, margin=48.0, jitter=3.0, seed=seed)
+        flux = np.exp(rng.uniform(np.log(2e4), np.log(2e5), x.size))
+        image = render_stars(SHAPE, x, y, flux, fwhm, beta=beta)
+        image += rng.normal(0.0, SIGMA, SHAPE)
+        data = image.astype(np.float32)
+        return data, select_stars(find_sources(data, SIGMA), SHAPE)
+
+    return make
+
+
+def l1(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).sum())
+
+
+def test_psf_of_constant_moffat_is_recovered(field) -> None:
+    data, stars = field(3.5, seed=0)
+    assert len(stars) == 49
+    model = build_psf(data, stars)
+    truth = moffat_psf(model.size, 3.5, 3.0)
+    assert model.n_stars == 49
+    assert model.size % 2 == 1 and model.size >= 25  # ~10 FWHM
+    assert l1(model.global_stamp, truth) < 0.02
+    assert model.fwhm == pytest.approx(measure_fwhm(truth), rel=0.03)
+    assert model.model_error < 0.03
+    # the constant model fits as well
+    flat = build_psf(data, stars, degree=0)
+    assert flat.degree == 0
+    assert l1(flat.global_stamp, truth) < 0.02
+
+
+def test_psf_model_follows_a_linear_fwhm_gradient(field) -> None:
+    # FWHM 3 px at the left edge to 4 px at the right, constant along y
+    data, stars = field(lambda x, y: 3.0 + x / (SHAPE[1] - 1), seed=1)
+    model = build_psf(data, stars, degree=1)
+    assert model.degree == 1
+    cy = (SHAPE[0] - 1) / 2
+    left, right = measure_fwhm(model.at(0, cy)), measure_fwhm(model.at(SHAPE[1] - 1, cy))
+    true_left = measure_fwhm(moffat_psf(model.size, 3.0, 3.0))
+    true_right = measure_fwhm(moffat_psf(model.size, 4.0, 3.0))
+    # a model linear in the pixel values is not linear in FWHM, so the ends are a little
+    # broad; the direction and size of the change must be right
+    assert 0.6 * (true_right - true_left) < right - left < 1.6 * (true_right - true_left)
+    cx = (SHAPE[1] - 1) / 2
+    bottom, top = measure_fwhm(model.at(cx, 0)), measure_fwhm(model.at(cx, SHAPE[0] - 1))
+    assert abs(top - bottom) < 0.05 * (true_right - true_left) + 0.05
+
+
+def test_model_stamps_sum_to_one_everywhere(field) -> None:
+    data, stars = field(3.5, seed=0)
+    model = build_psf(data, stars, degree=2)
+    for x, y in [(0, 0), (383, 0), (0, 383), (383, 383), (100.5, 250.25)]:
+        stamp = model.at(x, y)
+        assert stamp.dtype == np.float32
+        assert stamp.shape == (model.size, model.size)
+        assert float(stamp.sum()) == pytest.approx(1.0, abs=1e-5)
+        assert np.unravel_index(np.argmax(stamp), stamp.shape) == (model.size // 2,) * 2
+
+
+def test_too_few_stars_are_refused_with_a_reason(field) -> None:
+    data, stars = field(3.5, seed=0)
+    with pytest.raises(ScienceError, match=r"only 1 usable PSF stars.*at least 2 bright"):
+        build_psf(data, stars[:1])
+    edge = stars[:3].copy()
+    edge["x"] = [2.0, 3.0, 380.0]  # stamps would run off the image
+    with pytest.raises(ScienceError, match="PSF stars have clean"):
+        build_psf(data, edge)
+
+
+def test_stamp_size_is_about_ten_fwhm_and_odd() -> None:
+    assert psf_stamp_size(3.0) == 31
+    assert psf_stamp_size(1.0) == 15  # the minimum
+    assert psf_stamp_size(20.0) == 81  # the maximum
+    assert all(psf_stamp_size(f) % 2 == 1 for f in np.linspace(1, 10, 37))
+
+
+def _gaussian(size: int, fwhm: float) -> np.ndarray:
+    sigma = fwhm / 2.3548
+    centre = (size - 1) / 2
+    yy, xx = np.indices((size, size))
+    return np.exp(-((xx - centre) ** 2 + (yy - centre) ** 2) / (2 * sigma**2))
+
+
+@pytest.mark.parametrize("fwhm", [2.5, 3.5, 5.0])
+def test_measure_fwhm_is_unbiased_on_small_stamps(fwhm: float) -> None:
+    assert measure_fwhm(_gaussian(15, fwhm)) == pytest.approx(fwhm, rel=0.02)
+
+
+@pytest.mark.parametrize("neighbour_flux", [0.0, 5e4])
+def test_a_bright_neighbour_in_the_stamp_does_not_spoil_the_psf(
+    grid_positions, render_stars, neighbour_flux: float
+) -> None:
+    rng = np.random.default_rng(0)
+    shape = (320, 320)
+    x, y = grid_positions(shape, 64.0, margin=32.0, jitter=2.0, seed=0)
+    flux = np.full(x.size, 2e4)
+    flux[[0, 5]] = 4e3
+    # two of the 25 stars get a brighter neighbour 20 px away
+    nx, ny = x[[0, 5]] + 16.0, y[[0, 5]] + 12.0
+    both = np.r_[flux, [neighbour_flux] * 2]
+    image = render_stars(shape, np.r_[x, nx], np.r_[y, ny], both, 3.0, beta=4.0)
+    data = (image + rng.normal(0.0, SIGMA, shape)).astype(np.float32)
+    stars = select_stars(find_sources(data, SIGMA), shape)
+    assert len(stars) == 25 + (2 if neighbour_flux else 0)  # the faint two always in
+    model = build_psf(data, stars, size=49, degree=0)  # 49: the size preprocess_pair used
+    assert l1(model.global_stamp, moffat_psf(49, 3.0, 4.0)) < 0.1

@@ -1,0 +1,111 @@
+"""Rule cuts, cross-matches and the real/bogus column of validate_candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from pipeline.science.detection import CandidateFlag
+from pipeline.science.validation import Cuts, validate_candidates
+
+SHAPE = (200, 200)
+PSF_FWHM = 4.0
+
+# x, y, snr, fwhm, elongation, flags, expected reject_reason
+ROWS = [
+    (50.0, 50.0, 8.0, 4.2, 1.1, 0, ""),
+    (60.0, 50.0, -7.0, 3.9, 1.2, int(CandidateFlag.NEAR_REFERENCE_SOURCE), ""),
+    (70.0, 50.0, 4.5, 4.0, 1.0, 0, "snr"),
+    (80.0, 50.0, 9.0, 4.0, 1.0, int(CandidateFlag.EDGE), "edge"),
+    (90.0, 50.0, 9.0, 4.0, 1.0, int(CandidateFlag.MASKED | CandidateFlag.DIPOLE), "masked"),
+    (100.0, 50.0, 9.0, 1.5, 1.0, 0, "shape"),  # sharper than 0.5 FWHM: a cosmic ray
+    (110.0, 50.0, 9.0, 9.0, 1.0, 0, "shape"),  # wider than 2 FWHM
+    (120.0, 50.0, 9.0, np.nan, np.nan, 0, "shape"),
+    (130.0, 50.0, 9.0, 4.0, 2.6, 0, "elongated"),
+    (140.0, 50.0, 3.0, 1.0, 3.0, int(CandidateFlag.EDGE | CandidateFlag.MASKED),
+     "snr,edge,masked,shape,elongated"),
+]  # fmt: skip
+
+
+@pytest.fixture
+def candidates(tan_wcs) -> tuple[Table, object]:
+    wcs = tan_wcs(SHAPE)
+    x, y, snr, fwhm, elong, flags, _ = (np.array(c) for c in zip(*ROWS, strict=True))
+    world = wcs.pixel_to_world(x.astype(float), y.astype(float))
+    table = Table(
+        {
+            "candidate_id": np.arange(1, len(ROWS) + 1),
+            "x": x.astype(float),
+            "y": y.astype(float),
+            "ra": world.ra.deg,
+            "dec": world.dec.deg,
+            "snr": snr.astype(float),
+            "flux": 100.0 * snr.astype(float),
+            "flux_err": np.full(len(ROWS), 100.0),
+            "sign": np.sign(snr.astype(float)).astype(int),
+            "fwhm": fwhm.astype(float),
+            "elongation": elong.astype(float),
+            "flags": flags.astype(int),
+        }
+    )
+    return table, wcs
+
+
+def test_each_rule_gives_its_reject_reason(candidates) -> None:
+    table, wcs = candidates
+    out = validate_candidates(
+        table, psf_fwhm=PSF_FWHM, wcs=wcs, reference_sources=Table({"x": [], "y": []})
+    )
+    assert list(out["reject_reason"]) == [row[-1] for row in ROWS]
+    assert list(out["passed"]) == [row[-1] == "" for row in ROWS]
+    assert np.isnan(out["rb_score"]).all()  # no model, no score
+    assert len(table.colnames) == 12  # the input is not modified
+
+
+def test_cuts_are_configurable(candidates) -> None:
+    table, wcs = candidates
+    loose = Cuts(min_abs_snr=4.0, reject_flags=0, max_elongation=3.0)
+    out = validate_candidates(
+        table, psf_fwhm=PSF_FWHM, wcs=wcs, reference_sources=Table({"x": [], "y": []}), cuts=loose
+    )
+    reasons = list(out["reject_reason"])
+    assert reasons[2] == "" and reasons[3] == "" and reasons[4] == "" and reasons[8] == ""
+    assert reasons[-1] == "snr,shape"
+    assert loose.as_dict()["min_abs_snr"] == 4.0
+
+
+def test_reference_and_catalogue_matches(candidates) -> None:
+    table, wcs = candidates
+    # a reference source 0.5 px (0.13") from the first candidate, one 10 px from the second
+    reference_sources = Table({"x": [50.5, 70.0], "y": [50.0, 50.0]})
+    first = wcs.pixel_to_world(50.0, 50.0)
+    catalog = Table({"ra": [first.ra.deg, 10.0], "dec": [first.dec.deg + 0.5 / 3600, -5.0]})
+    scores = np.linspace(0.0, 0.9, len(ROWS))
+    out = validate_candidates(
+        table,
+        psf_fwhm=PSF_FWHM,
+        wcs=wcs,
+        reference_sources=reference_sources,
+        catalog=catalog,
+        match_radius_arcsec=1.0,
+        rb_scores=scores,
+    )
+    ref_match = np.asarray(out["ref_match"])
+    assert ref_match[0] and ref_match[2] and ref_match.sum() == 2
+    assert out["ref_sep_arcsec"][0] == pytest.approx(0.5 * 0.263, abs=1e-3)
+    assert np.isnan(out["ref_sep_arcsec"][1])
+    assert list(out["catalog_index"]) == [0] + [-1] * (len(ROWS) - 1)
+    assert out["catalog_sep_arcsec"][0] == pytest.approx(0.5, abs=1e-3)
+    assert np.array_equal(out["rb_score"], scores)
+    # a match does not reject: the cuts are the same as without catalogues
+    assert list(out["passed"]) == [row[-1] == "" for row in ROWS]
+
+
+def test_an_empty_candidate_table_validates_to_an_empty_table(candidates) -> None:
+    table, wcs = candidates
+    out = validate_candidates(
+        table[:0], psf_fwhm=PSF_FWHM, wcs=wcs, reference_sources=Table({"x": [1.0], "y": [1.0]})
+    )
+    assert len(out) == 0
+    assert {"passed", "reject_reason", "rb_score", "ref_match"} <= set(out.colnames)
