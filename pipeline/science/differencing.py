@@ -95,7 +95,7 @@ def difference_pair(
     flux_floor: bool = True,
     renormalise: bool = True,
     mask_growth: float = 1.5,
-    tile_size: int = 512,
+    tile_size: int = 1024,
 ) -> Difference:
     """Run ZOGY on each PSF tile of a preprocessed pair and stitch the products.
 

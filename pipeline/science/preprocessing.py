@@ -153,6 +153,11 @@ def _subtract_background(image: Image, mask: np.ndarray, box: int) -> tuple[np.n
     return (image.data - bkg.level).astype(np.float32), bkg
 
 
+def _psf_degree(n_stars: int) -> int:
+    """Spatial degree of a PSF model that ``n_stars`` stars can constrain."""
+    return 0 if n_stars < 10 else 1 if n_stars < 30 else 2
+
+
 def _science_stars(
     sources: Table, reference_stars: Table, shape: tuple[int, int], saturation: float
 ) -> Table:
@@ -278,7 +283,7 @@ def preprocess_pair(
             filled = np.where(fatal_sci, 0.0, subtracted["science"])
             coords = pixel_map(registration.wcs, reference.wcs, shape)
             sci_data, valid = resample(
-                filled, registration.wcs, reference.wcs, shape, order=5, coords=coords
+                filled, registration.wcs, reference.wcs, shape, coords=coords
             )
             # resampling lowers the pixel noise but not the noise on PSF scales that the
             # matched filter sees: keep the original noise level for ZOGY's whitening
@@ -309,6 +314,8 @@ def preprocess_pair(
     saturation_ref = reference.saturation - backgrounds["reference"]
     stars_ref = select_stars(ref_sources, shape, saturation_level=saturation_ref)
     stars_sci = _science_stars(sci_sources, stars_ref, shape, saturation_sci)
+    if psf_degree is None:  # one degree for both, set by the image with fewer stars
+        psf_degree = _psf_degree(min(len(stars_sci), len(stars_ref)))
     psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)
     psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=mask > 0, degree=psf_degree)
     lap("psf")

@@ -219,21 +219,27 @@ def _model_error(stamps: np.ndarray, model: np.ndarray) -> float:
 
 
 def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) -> np.ndarray:
-    """Weighted least-squares polynomial per pixel, with 3σ clipping of outlying pixels."""
+    """Weighted least-squares polynomial per pixel, with 3σ clipping of outlying pixels.
+
+    All pixels are solved at once through their (terms × terms) normal equations.
+    """
     n, sy, sx = stamps.shape
     values = stamps.reshape(n, -1)
-    median = np.nanmedian(values, axis=0)
-    values = np.where(np.isfinite(values), values, median)
-    weights = np.repeat(star_weights[:, None], values.shape[1], axis=1)
-    for _ in range(2):
-        coef = np.empty((terms.shape[1], values.shape[1]))
-        for j in range(values.shape[1]):
-            w = weights[:, j]
-            coef[:, j] = np.linalg.lstsq(terms * w[:, None], values[:, j] * w, rcond=None)[0]
-        model = terms @ coef
-        resid = values - model
-        spread = 1.4826 * np.median(np.abs(resid), axis=0) + 1e-9
-        weights = star_weights[:, None] * (np.abs(resid) < 3.0 * spread)
+    present = np.isfinite(values)
+    values = np.where(present, values, 0.0)
+    weights = star_weights[:, None] * present
+    ridge = 1e-12 * np.eye(terms.shape[1])
+    for _ in range(3):
+        w2 = weights**2
+        normal = np.einsum("nk,nj,nl->jkl", terms, w2, terms) + ridge
+        rhs = np.einsum("nk,nj->jk", terms, w2 * values)
+        coef = np.linalg.solve(normal, rhs[..., None])[..., 0].T
+        resid = values - terms @ coef
+        seen = present.any(axis=0)
+        spread = np.full(values.shape[1], np.inf)
+        absolute = np.where(present, np.abs(resid), np.nan)[:, seen]
+        spread[seen] = 1.4826 * np.nanmedian(absolute, axis=0) + 1e-9
+        weights = star_weights[:, None] * present * (np.abs(resid) < 3.0 * spread)
     basis = coef.reshape(terms.shape[1], sy, sx)
     return _recentre(basis)
 
