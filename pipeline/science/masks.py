@@ -152,11 +152,18 @@ def bad_column_mask(
     hit = np.zeros(image.shape, dtype=bool)
     for sign in (1.0, -1.0):
         lone = (sign * deviation > nsigma) & (sign * left < 0) & (sign * right < 0)
-        share = ndimage.uniform_filter1d(lone.astype(np.float32), size=min_length, axis=0)
-        core = share >= fraction
+        # only columns with enough lone pixels in all can hold a qualifying stretch
+        columns = np.flatnonzero(lone.sum(axis=0) >= fraction * min_length)
+        if len(columns) == 0:
+            continue
+        part = lone[:, columns].astype(np.float32)
+        core = ndimage.uniform_filter1d(part, size=min_length, axis=0) >= fraction
         # extend each qualifying window over its full length
-        hit |= ndimage.maximum_filter1d(core, size=min_length, axis=0) & (sign * deviation > 0)
+        stretch = ndimage.maximum_filter1d(core, size=min_length, axis=0)
+        hit[:, columns] |= stretch & (sign * deviation[:, columns] > 0)
     hit[:, 0] = hit[:, -1] = False
+    if not hit.any():
+        return hit
     return ndimage.binary_dilation(hit, structure=np.ones((3, 3), dtype=bool))
 
 
