@@ -299,6 +299,7 @@ def speed_2048(report: dict) -> None:
 def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: Path) -> None:
     """Simulated 1024² pairs: registered (ours) and one-grid (ours and peers)."""
     ours_reg, ours_grid, peers = Outcome(), Outcome(), {"sfft": Outcome(), "properimage": Outcome()}
+    hosts = {"off_galaxy": Outcome(), "on_galaxy": Outcome()}
     peer_seconds: dict[str, list[float]] = {"sfft": [], "properimage": []}
     ours_seconds = []
     for seed in seeds:
@@ -310,6 +311,10 @@ def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: 
             result = score(sim_truth(sim), passed)
             result.false_positives_raw = score(sim_truth(sim), checked).false_positives
             outcome.add(result)
+            if not same_grid:  # the injected S/N ignores host light: report hosts apart
+                on = np.asarray(sim.truth["on_galaxy"], dtype=bool)
+                hosts["off_galaxy"].add(score(sim_truth(sim)[~on], passed))
+                hosts["on_galaxy"].add(score(sim_truth(sim)[on], passed))
             if same_grid and peers_python:
                 folder = work / f"sim{seed}"
                 folder.mkdir(parents=True, exist_ok=True)
@@ -331,6 +336,8 @@ def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: 
                     found["flux_err"] = np.nan
                     peers[peer].add(score(sim_truth(sim), found, flux=False))
     report["sim_1024_registered"] = summarise(ours_reg)
+    for name, outcome in hosts.items():
+        report[f"sim_1024_registered_{name}"] = summarise(outcome)
     report["sim_1024_one_grid"] = summarise(ours_grid)
     report["sim_1024_one_grid"]["seconds"] = float(np.median(ours_seconds))
     if peers_python:
