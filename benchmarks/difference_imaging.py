@@ -155,7 +155,9 @@ def summarise(outcome: Outcome) -> dict:
         "completeness_snr_ge_7": float(found[above7].mean()) if above7.any() else float("nan"),
         "n_snr_ge_7": int(above7.sum()),
         "snr_50": float(s50),
-        "false_positives_per_image": float(np.mean(outcome.false_positives)),
+        "false_positives_per_image": float(np.mean(outcome.false_positives))
+        if outcome.false_positives
+        else float("nan"),
         "false_positives_raw_per_image": float(np.mean(outcome.false_positives_raw))
         if outcome.false_positives_raw
         else float("nan"),
@@ -313,8 +315,10 @@ def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: 
             outcome.add(result)
             if not same_grid:  # the injected S/N ignores host light: report hosts apart
                 on = np.asarray(sim.truth["on_galaxy"], dtype=bool)
-                hosts["off_galaxy"].add(score(sim_truth(sim)[~on], passed))
-                hosts["on_galaxy"].add(score(sim_truth(sim)[on], passed))
+                for name, subset in (("off_galaxy", ~on), ("on_galaxy", on)):
+                    part = score(sim_truth(sim)[subset], passed)
+                    part.false_positives = []  # the other subset would count as false
+                    hosts[name].add(part)
             if same_grid and peers_python:
                 folder = work / f"sim{seed}"
                 folder.mkdir(parents=True, exist_ok=True)
