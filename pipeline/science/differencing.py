@@ -39,6 +39,8 @@ class Difference:
     flux_floor : float
         Fractional flux error of static sources measured at the reference stars and
         added to the variance of S (PSF and flux-scale systematics).
+    flux_floor_extended : float
+        The same measured at resolved sources (galaxies), applied over them.
     seconds : float
         Wall time of the differencing.
     """
@@ -54,6 +56,7 @@ class Difference:
     scorr_scale: float
     backend: str
     flux_floor: float = 0.0
+    flux_floor_extended: float = 0.0
     seconds: float = 0.0
     tiles: list[tuple[int, int]] = field(default_factory=list)
 
@@ -178,14 +181,18 @@ def difference_pair(
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
     invalid = grow((pair.mask & np.uint8(FATAL)) > 0, int(np.ceil(mask_growth * fwhm)))
     invalid |= _edge(shape, int(np.ceil(fwhm)))
-    floor = (
-        calibrate_flux_floor(
-            outputs, pair.reference_sources, invalid | grow(pair.mask > 0, int(fwhm)), fwhm
-        )
+    sources = pair.reference_sources
+    point = _point_like(sources, pair.psf_reference.global_stamp)
+    excluded = invalid | grow(pair.mask > 0, int(fwhm))
+    floor = calibrate_flux_floor(outputs, sources[point], excluded, fwhm) if flux_floor else 0.0
+    # resolved galaxies smooth PSF errors out: they get their own, measured, floor
+    extended = (
+        calibrate_flux_floor(outputs, sources[~point], excluded, fwhm, default=floor)
         if flux_floor
         else 0.0
     )
-    systematic = floor**2 * (outputs["S_N"] ** 2 + outputs["S_R"] ** 2)
+    floors = _floor_map(sources, point, floor, extended, shape, fwhm)
+    systematic = floors**2 * (outputs["S_N"] ** 2 + outputs["S_R"] ** 2)
     inflation = np.sqrt(1.0 + systematic / outputs["V"])
     outputs["S_corr"] = outputs["S"] / np.sqrt(outputs["V"] + systematic)
     outputs["err"] *= inflation
@@ -213,6 +220,7 @@ def difference_pair(
         invalid=invalid,
         scorr_scale=float(scale),
         flux_floor=float(floor),
+        flux_floor_extended=float(extended),
         backend=used_backend,
         seconds=time.perf_counter() - start,
         tiles=[(int(s[1][0].start), int(s[1][1].start)) for s in slices],
@@ -220,7 +228,12 @@ def difference_pair(
 
 
 def calibrate_flux_floor(
-    maps: dict[str, np.ndarray], sources: Table, invalid: np.ndarray, fwhm: float
+    maps: dict[str, np.ndarray],
+    sources: Table,
+    invalid: np.ndarray,
+    fwhm: float,
+    *,
+    default: float = 0.0,
 ) -> float:
     """Fractional flux error f that makes S_corr unit-variance at bright static sources.
 
@@ -238,11 +251,13 @@ def calibrate_flux_floor(
         Pixels to ignore.
     fwhm : float
         Window radius in pixels.
+    default : float
+        Returned when fewer than three sources are bright enough to tell.
 
     Returns
     -------
     float
-        f (0 when no source is bright enough to tell).
+        f.
     """
     half = max(1, int(np.ceil(fwhm)))
     ny, nx = invalid.shape
@@ -261,10 +276,54 @@ def calibrate_flux_floor(
         excess = (maps["S"][window] ** 2).sum() - variance.sum()
         ratios.append(excess / signal.sum())
     if len(ratios) < 3:
-        return 0.0
+        return default
     # the upper quartile, not the median: residuals vary from star to star (PSF changes
     # across the field, sub-pixel phase) and the floor must cover most of them
     return float(np.sqrt(max(np.quantile(ratios, 0.75), 0.0)))
+
+
+def _point_like(sources: Table, psf: np.ndarray) -> np.ndarray:
+    """Sources whose half-light radius is that of the PSF (within 25 % and 0.3 px)."""
+    if len(sources) == 0 or "r50" not in sources.colnames:
+        return np.ones(len(sources), dtype=bool)
+    centre = (np.asarray(psf.shape) - 1) / 2
+    yy, xx = np.indices(psf.shape)
+    order = np.argsort(np.hypot(yy - centre[0], xx - centre[1]).ravel())
+    radii = np.hypot(yy - centre[0], xx - centre[1]).ravel()[order]
+    cumulative = np.cumsum(psf.ravel()[order]) / psf.sum()
+    r50 = float(radii[np.searchsorted(cumulative, 0.5)])
+    return np.asarray(sources["r50"]) < 1.25 * r50 + 0.3
+
+
+def _floor_map(
+    sources: Table,
+    point: np.ndarray,
+    floor: float,
+    extended: float,
+    shape: tuple[int, int],
+    fwhm: float,
+) -> np.ndarray:
+    """Fractional flux-error floor per pixel: ``extended`` over galaxies, ``floor`` elsewhere."""
+    out = np.full(shape, floor, dtype=np.float32)
+    if extended >= floor or len(sources) == 0:
+        return out
+    ny, nx = shape
+    for row in sources[~point]:
+        radius = max(2.0 * fwhm, 3.0 * float(row["r50"]))
+        r = int(np.ceil(radius))
+        ix, iy = int(np.rint(row["x"])), int(np.rint(row["y"]))
+        y0, y1, x0, x1 = max(0, iy - r), min(ny, iy + r + 1), max(0, ix - r), min(nx, ix + r + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        disc = (yy - iy) ** 2 + (xx - ix) ** 2 <= radius * radius
+        out[y0:y1, x0:x1][disc] = extended
+    # point sources keep the stellar floor even where they overlap a galaxy
+    for row in sources[point]:
+        r = int(np.ceil(3.0 * fwhm))
+        ix, iy = int(np.rint(row["x"])), int(np.rint(row["y"]))
+        out[max(0, iy - r) : iy + r + 1, max(0, ix - r) : ix + r + 1] = floor
+    return out
 
 
 def _edge(shape: tuple[int, int], width: int) -> np.ndarray:

@@ -172,7 +172,8 @@ def save_difference(diff: Difference, wcs: WCS, path: str | os.PathLike[str]) ->
     header["SCORRSC"] = (diff.scorr_scale, "robust std of S_corr before renormalising")
     header["BACKEND"] = (diff.backend, "where the transforms ran")
     header["ZOGYSEC"] = (round(diff.seconds, 4), "seconds spent in ZOGY")
-    header["FLXFLOOR"] = (diff.flux_floor, "fractional flux-error floor in V_S")
+    header["FLXFLOOR"] = (diff.flux_floor, "fractional flux-error floor in V_S, stars")
+    header["FLXFLEXT"] = (diff.flux_floor_extended, "the same over galaxies")
     hdus: list[Any] = [fits.PrimaryHDU(header=header)]
     for name in _DIFF_IMAGES:
         hdus.append(
@@ -197,6 +198,7 @@ def load_difference(path: str | os.PathLike[str]) -> tuple[Difference, WCS]:
             backend=str(head["BACKEND"]),
             seconds=float(head["ZOGYSEC"]),
             flux_floor=float(head.get("FLXFLOOR", 0.0)),
+            flux_floor_extended=float(head.get("FLXFLEXT", 0.0)),
         )
         return diff, WCS(hdul["D"].header)
 
