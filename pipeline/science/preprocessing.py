@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from astropy.table import Table
 from astropy.wcs import WCS
+from scipy import ndimage
 
 from pipeline.science.background import estimate_background
 from pipeline.science.image import Image
@@ -153,6 +154,19 @@ def _subtract_background(image: Image, mask: np.ndarray, box: int) -> tuple[np.n
     return (image.data - bkg.level).astype(np.float32), bkg
 
 
+def _shift_psf(model: PSFModel, shift: tuple[float, float]) -> PSFModel:
+    """The PSF seen from the reference grid when the science grid is translated by ``shift``.
+
+    A star at reference position p lies at science pixel p + shift, so on the reference
+    grid the science PSF is centred at +shift.
+    """
+    dx, dy = shift
+    basis = np.stack([ndimage.shift(b, (dy, dx), order=3, mode="constant") for b in model.basis])
+    return PSFModel(
+        basis.astype(np.float32), model.shape, model.n_stars, model.fwhm, model.model_error
+    )
+
+
 def _psf_degree(n_stars: int) -> int:
     """Spatial degree of a PSF model that ``n_stars`` stars can constrain."""
     return 0 if n_stars < 10 else 1 if n_stars < 30 else 2
@@ -277,11 +291,17 @@ def preprocess_pair(
         if science.shape == shape and _same_grid(registration.wcs, reference.wcs, shape, 0.05):
             sci_data, sci_bits = subtracted["science"], raw_bits["science"]
             registration.refined = False
+            registration.shift = None
+        elif science.shape == shape and registration.shift is not None:
+            # a sub-pixel translation goes into the science PSF instead of resampling
+            # (which would smooth and correlate the noise): see _shift_psf below
+            sci_data, sci_bits = subtracted["science"], raw_bits["science"]
         else:
+            registration.shift = None
+            coords = pixel_map(registration.wcs, reference.wcs, shape)
             # zero, not NaN: the spline prefilter would spread a NaN along whole rows
             fatal_sci = (raw_bits["science"] & np.uint8(FATAL)) > 0
             filled = np.where(fatal_sci, 0.0, subtracted["science"])
-            coords = pixel_map(registration.wcs, reference.wcs, shape)
             sci_data, valid = resample(
                 filled, registration.wcs, reference.wcs, shape, coords=coords
             )
@@ -318,6 +338,8 @@ def preprocess_pair(
         psf_degree = _psf_degree(min(len(stars_sci), len(stars_ref)))
     psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)
     psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=mask > 0, degree=psf_degree)
+    if registration is not None and registration.shift is not None:
+        psf_sci = _shift_psf(psf_sci, registration.shift)
     lap("psf")
 
     if flux_ratio is None:

@@ -15,7 +15,14 @@ from scipy.spatial import cKDTree
 
 from pipeline.errors import ScienceError
 
-__all__ = ["Registration", "match_points", "pixel_map", "refine_wcs", "reproject_to", "resample"]
+__all__ = [
+    "Registration",
+    "match_points",
+    "pixel_map",
+    "refine_wcs",
+    "reproject_to",
+    "resample",
+]
 
 
 @dataclass
@@ -35,6 +42,10 @@ class Registration:
         the astrometric noise σ_x, σ_y given to ZOGY.
     refined : bool
         Whether the WCS was refitted.
+    shift : tuple of float or None
+        When the science grid is the reference grid moved by a sub-pixel translation,
+        that translation (dx, dy) in pixels (science pixel = reference pixel + shift):
+        the science image is then left unresampled and its PSF carries the shift.
     """
 
     wcs: WCS
@@ -42,6 +53,7 @@ class Registration:
     offset: tuple[float, float]
     rms: tuple[float, float]
     refined: bool
+    shift: tuple[float, float] | None = None
 
 
 def match_points(a: np.ndarray, b: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -141,13 +153,65 @@ def refine_wcs(
     bright = (np.asarray(sci["snr"])[ia] > 50) & (np.asarray(ref["snr"])[ib] > 50)
     use = residual[bright] if bright.sum() >= 5 else residual
     rms = 1.4826 * np.median(np.abs(use - np.median(use, axis=0)), axis=0)
+    shift = _translation(science_wcs, reference_wcs, sci_xy[ia], ref_xy[ib], rms, bright)
     return Registration(
         wcs=wcs,
         n_matched=len(ia),
         offset=(float(offset[0]), float(offset[1])),
         rms=(float(rms[0]), float(rms[1])),
         refined=True,
+        shift=shift,
     )
+
+
+def _translation(
+    science_wcs: WCS,
+    reference_wcs: WCS,
+    sci_xy: np.ndarray,
+    ref_xy: np.ndarray,
+    rms: np.ndarray,
+    bright: np.ndarray,
+    *,
+    largest: float = 1.0,
+) -> tuple[float, float] | None:
+    """The sub-pixel shift (science = reference + shift) when that is all that separates them.
+
+    It is, when the header WCSs map one grid onto the other by a translation and the
+    matched stars agree with one constant offset as well as with the fitted WCS (a
+    full fit on few stars invents small rotations and scale changes from noise).
+    """
+    # the corners of the region the stars cover
+    (x0, y0), (x1, y1) = sci_xy.min(axis=0), sci_xy.max(axis=0)
+    corners_x = np.array([x0, x1, x0, x1])
+    corners_y = np.array([y0, y0, y1, y1])
+    hx, hy = reference_wcs.world_to_pixel(science_wcs.pixel_to_world(corners_x, corners_y))
+    header = np.column_stack([hx - corners_x, hy - corners_y])
+    if np.ptp(header, axis=0).max() > 0.02:
+        return None  # the grids rotate or scale with respect to each other
+    base = header.mean(axis=0)
+    offsets = ref_xy - sci_xy - base
+    use_xy = sci_xy[bright] if bright.sum() >= 8 else sci_xy
+    use = offsets[bright] if bright.sum() >= 8 else offsets
+    if len(use) < 4:
+        return None
+    # is there a significant linear trend of the offsets across the field (rotation,
+    # scale)? Fit offset = a + B·(position - centre) and compare B's effect at the
+    # field's edge with its uncertainty and with a twentieth of a pixel
+    centre_xy = use_xy.mean(axis=0)
+    design = np.column_stack([np.ones(len(use)), use_xy - centre_xy])
+    coef, *_ = np.linalg.lstsq(design, use, rcond=None)
+    resid = use - design @ coef
+    sigma = 1.4826 * np.median(np.abs(resid - np.median(resid, axis=0)), axis=0) + 1e-3
+    cov = np.linalg.inv(design.T @ design)
+    reach = np.abs(use_xy - centre_xy).max(axis=0)
+    trend = np.abs(coef[1:]) * reach[:, None]  # pixels at the edge, per axis pair
+    trend_err = np.sqrt(np.diag(cov)[1:])[:, None] * sigma[None, :] * reach[:, None]
+    if np.any(trend > np.maximum(3.0 * trend_err, 0.05)):
+        return None
+    total = base + np.median(use, axis=0)  # reference pixel = science pixel + total
+    if np.abs(total).max() > largest:
+        return None
+    return float(-total[0]), float(-total[1])
 
 
 def _fit_tan(sci_xy: np.ndarray, reference_wcs: WCS, ref_xy: np.ndarray, start: WCS) -> WCS:
