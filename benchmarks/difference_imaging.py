@@ -214,15 +214,24 @@ def run_peer(
     workdir: Path,
     psf: np.ndarray,
     mask: np.ndarray | None,
+    *,
+    flavor: str = "crowded",
 ) -> Table:
-    """Run one peer in its own environment and the shared matched-filter detection."""
+    """Run one peer in its own environment and the shared matched-filter detection.
+
+    sfft runs its sparse flavour on the simulated full frames (its crowded flavour's fit
+    diverges there: difference MAD 4× the noise) and its crowded flavour on the 256² DECam
+    cutouts (where the sparse one finds only two stars and diverges).
+    """
     np.save(workdir / "psf.npy", psf)
     np.save(workdir / "mask.npy", np.zeros(psf.shape, bool) if mask is None else mask)
     code = f"""
 import sys, json, numpy as np
 sys.path.insert(0, {str(REPO / "benchmarks")!r})
 from peers import run_{peer}, matched_filter_detect
-r = run_{peer}({str(science)!r}, {str(reference)!r}, {str(workdir / peer)!r}, trace_memory=False)
+extra = {{"flavor": {flavor!r}}} if {peer!r} == "sfft" else {{}}
+r = run_{peer}({str(science)!r}, {str(reference)!r}, {str(workdir / peer)!r}, trace_memory=False,
+               **extra)
 mask = np.load({str(workdir / "mask.npy")!r})
 found = matched_filter_detect(r.difference, np.load({str(workdir / "psf.npy")!r}), threshold=5.0,
                               mask=mask if mask.shape == r.difference.shape else None)
@@ -334,6 +343,7 @@ def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: 
                         folder,
                         pair.psf_science.global_stamp,
                         mask,
+                        flavor="sparse",
                     )
                     peer_seconds[peer].append(found.meta["seconds"])
                     found["flux"] = np.nan
