@@ -17,7 +17,6 @@ from pipeline.science.image import Image
 from pipeline.science.masks import (
     bad_column_mask,
     cosmic_ray_mask,
-    grow,
     inpaint,
     saturation_mask,
 )
@@ -143,9 +142,10 @@ def _combine_bits(masks: dict) -> np.ndarray:
 def _subtract_background(image: Image, mask: np.ndarray, box: int) -> tuple[np.ndarray, Any]:
     """Background from pixels free of sources, including the faint wings of bright ones.
 
-    A first estimate finds the sources; their footprints down to 1.5σ, grown, are then
-    left out, so the wings of bright stars and galaxies do not raise the background
-    around them (which would carve dark rings that differ between the two epochs).
+    A first estimate finds the sources; their footprints down to about 1σ per pixel,
+    grown, are then left out, so the wings of bright stars and galaxies do not raise
+    the background around them (which would carve dark rings that differ between the
+    two epochs).
     """
     first = estimate_background(image.data, mask, box=box)
     residual = np.nan_to_num(image.data - first.level).astype(np.float32)
@@ -387,8 +387,3 @@ def preprocess_pair(
         science_sources=sci_sources,
         timings=timings,
     )
-
-
-def grow_mask(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Boolean mask of flagged pixels grown by ``radius`` pixels."""
-    return grow(mask > 0, radius)
