@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from pipeline.config import StorageConfig, get_config
 from pipeline.store import ArtifactStore, Catalogue
+
+# No per-example deadline (a loaded CI machine is slow, not wrong); in CI the examples
+# are derived from the test, so a failure there reproduces anywhere.
+settings.register_profile("astr", deadline=None)
+settings.register_profile("ci", deadline=None, derandomize=True)
+settings.load_profile("ci" if os.environ.get("CI") else "astr")
 
 
 @pytest.fixture(autouse=True)
 def _isolated_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
     """Each test gets its own project home and no ASTR_* variables from outside."""
-    import os
-
     for name in list(os.environ):
         if name.startswith("ASTR_"):
             monkeypatch.delenv(name)
