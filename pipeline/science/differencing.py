@@ -271,7 +271,8 @@ def calibrate_flux_floor(
             continue
         signal = maps["S_N"][window] ** 2 + maps["S_R"][window] ** 2
         variance = maps["V"][window]
-        if signal.sum() < 400.0 * variance.sum():  # static S/N below ~20: noise-dominated
+        # below S/N ~50 the estimate is dominated by noise in S² - V, not by systematics
+        if signal.sum() < 2500.0 * variance.sum():
             continue
         excess = (maps["S"][window] ** 2).sum() - variance.sum()
         ratios.append(excess / signal.sum())
