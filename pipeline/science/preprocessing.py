@@ -284,8 +284,9 @@ def preprocess_pair(
     if _same_grid(science.wcs, reference.wcs, shape) and science.shape == shape and not refine:
         sci_data, sci_bits = subtracted["science"], raw_bits["science"]
     else:
+        # registration needs only bright stars: a higher threshold finds fewer sources
         sci_sources_raw = find_sources(
-            subtracted["science"], rms_maps["science"], raw_bits["science"] > 0
+            subtracted["science"], rms_maps["science"], raw_bits["science"] > 0, threshold=5.0
         )
         registration = refine_wcs(science.wcs, sci_sources_raw, reference.wcs, ref_sources)
         if science.shape == shape and _same_grid(registration.wcs, reference.wcs, shape, 0.05):

@@ -71,12 +71,17 @@ def find_sources(
     )
     # windowed centroids (SExtractor's XWIN): far less noisy than isophotal ones, which
     # matters for registration, whose residual scatter becomes ZOGY's astrometric noise
-    sig = np.clip(2.0 * np.nan_to_num(r50, nan=1.0) / 2.35, 0.5, 10.0)
-    xwin, ywin, wflag = sep.winpos(image, objects["x"], objects["y"], sig, mask=ignore)
-    good = (wflag == 0) & np.isfinite(xwin) & np.isfinite(ywin)
-    good &= np.hypot(xwin - objects["x"], ywin - objects["y"]) < 2.0
-    table["x"] = np.where(good, xwin, objects["x"])
-    table["y"] = np.where(good, ywin, objects["y"])
+    # (only for sources bright enough to be used for either: it costs per source)
+    x, y = objects["x"].astype(float).copy(), objects["y"].astype(float).copy()
+    bright = np.flatnonzero(flux > 10.0 * np.maximum(flux_err, 1e-12))
+    if len(bright):
+        sig = np.clip(2.0 * np.nan_to_num(r50[bright], nan=1.0) / 2.35, 0.5, 10.0)
+        xwin, ywin, wflag = sep.winpos(image, x[bright], y[bright], sig, mask=ignore)
+        good = (wflag == 0) & np.isfinite(xwin) & np.isfinite(ywin)
+        good &= np.hypot(xwin - x[bright], ywin - y[bright]) < 2.0
+        x[bright[good]], y[bright[good]] = xwin[good], ywin[good]
+    table["x"] = x
+    table["y"] = y
     table["flux"] = flux
     table["flux_err"] = flux_err
     table["snr"] = np.where(flux_err > 0, flux / np.maximum(flux_err, 1e-12), 0.0)

@@ -171,14 +171,30 @@ def zogy(
     r_hat = fft.rfft2(ref)
     pn2 = fft.abs2(pn)
     pr2 = fft.abs2(pr)
-    den2 = sigma_new**2 * fr**2 * pr2 + sigma_ref**2 * fn**2 * pn2 + _TINY
-    den = fft.sqrt(den2)
-
-    s_new = fft.irfft2(fn * fr**2 * fft.conj(pn) * pr2 / den2 * n_hat, shape)
-    s_ref = fft.irfft2(fr * fn**2 * fft.conj(pr) * pn2 / den2 * r_hat, shape)
+    inv_den2 = 1.0 / (sigma_new**2 * fr**2 * pr2 + sigma_ref**2 * fn**2 * pn2 + _TINY)
+    # real weights of the two matched filters: κ̂_n = conj(P̂_n)·w_n, κ̂_r = conj(P̂_r)·w_r
+    w_n = pr2 * inv_den2
+    w_n *= fn * fr**2
+    w_r = pn2 * inv_den2
+    w_r *= fr * fn**2
+    # in-place products: at 2048² every temporary costs as much as a small FFT
+    spectrum = fft.conj(pn)
+    spectrum *= n_hat
+    spectrum *= w_n
+    s_new = fft.irfft2(spectrum, shape)
+    spectrum = fft.conj(pr)
+    spectrum *= r_hat
+    spectrum *= w_r
+    s_ref = fft.irfft2(spectrum, shape)
     score = s_new - s_ref
-    d = fft.irfft2((fr * pr * n_hat - fn * pn * r_hat) / den, shape)
-    f_s = fft.full_sum(fn**2 * fr**2 * pn2 * pr2 / den2, shape[1]) / (shape[0] * shape[1])
+    spectrum = pr * n_hat
+    spectrum *= fr
+    other = pn * r_hat
+    other *= fn
+    spectrum -= other
+    spectrum *= fft.sqrt(inv_den2)
+    d = fft.irfft2(spectrum, shape)
+    f_s = fft.full_sum(pn2 * w_n * fn, shape[1]) / (shape[0] * shape[1])
     f_d = fn * fr / np.sqrt(sigma_new**2 * fr**2 + sigma_ref**2 * fn**2)
 
     # the kernels and P_D are compact: compute them on a small grid, on the CPU
