@@ -246,6 +246,38 @@ print(json.dumps({{"seconds": r.seconds}}))
     return found
 
 
+def run_peers(
+    peers_python: str,
+    outcomes: dict[str, Outcome],
+    seconds: dict[str, list[float]],
+    folder: Path,
+    science,
+    reference,
+    truth: Table,
+    psf: np.ndarray,
+    mask: np.ndarray | None,
+    *,
+    flavor: str,
+) -> None:
+    """Write one pair to FITS, run every peer on it and score what it detected."""
+    folder.mkdir(parents=True, exist_ok=True)
+    write_image(science, folder / "science.fits")
+    write_image(reference, folder / "reference.fits")
+    for peer, outcome in outcomes.items():
+        found = run_peer(
+            peers_python,
+            peer,
+            folder / "science.fits",
+            folder / "reference.fits",
+            folder,
+            psf,
+            mask,
+            flavor=flavor,
+        )
+        seconds[peer].append(found.meta["seconds"])
+        outcome.add(score(truth, found, flux=False))
+
+
 def speed_2048(report: dict) -> None:
     """ZOGY against one FFT pair, and the whole chain's time and memory on a 2048² pair."""
     sim = simulate_pair((2048, 2048), seed=11, n_stars=2400, n_galaxies=600, n_transients=240)
@@ -330,26 +362,18 @@ def quality_sim(report: dict, seeds: list[int], peers_python: str | None, work: 
                     part.false_positives = []  # the other subset would count as false
                     hosts[name].add(part)
             if same_grid and peers_python:
-                folder = work / f"sim{seed}"
-                folder.mkdir(parents=True, exist_ok=True)
-                write_image(sim.science, folder / "science.fits")
-                write_image(sim.reference, folder / "reference.fits")
-                mask = sim.science.mask if sim.science.mask is not None else None
-                for peer in peers:
-                    found = run_peer(
-                        peers_python,
-                        peer,
-                        folder / "science.fits",
-                        folder / "reference.fits",
-                        folder,
-                        pair.psf_science.global_stamp,
-                        mask,
-                        flavor="sparse",
-                    )
-                    peer_seconds[peer].append(found.meta["seconds"])
-                    found["flux"] = np.nan
-                    found["flux_err"] = np.nan
-                    peers[peer].add(score(sim_truth(sim), found, flux=False))
+                run_peers(
+                    peers_python,
+                    peers,
+                    peer_seconds,
+                    work / f"sim{seed}",
+                    sim.science,
+                    sim.reference,
+                    sim_truth(sim),
+                    pair.psf_science.global_stamp,
+                    sim.science.mask,
+                    flavor="sparse",
+                )
     report["sim_1024_registered"] = summarise(ours_reg)
     for name, outcome in hosts.items():
         report[f"sim_1024_registered_{name}"] = summarise(outcome)
@@ -395,22 +419,18 @@ def quality_decam(
         result.false_positives_raw = score(truth, checked).false_positives
         ours.add(result)
         if peers_python:
-            folder = work / f"decam{trial}"
-            folder.mkdir(parents=True, exist_ok=True)
-            write_image(faked, folder / "science.fits")
-            write_image(reference, folder / "reference.fits")
-            for peer in peers:
-                found = run_peer(
-                    peers_python,
-                    peer,
-                    folder / "science.fits",
-                    folder / "reference.fits",
-                    folder,
-                    psf,
-                    None,
-                )
-                seconds[peer].append(found.meta["seconds"])
-                peers[peer].add(score(truth, found, flux=False))
+            run_peers(
+                peers_python,
+                peers,
+                seconds,
+                work / f"decam{trial}",
+                faked,
+                reference,
+                truth,
+                psf,
+                None,
+                flavor="crowded",
+            )
     report["decam_fakes"] = summarise(ours)
     report["decam_fakes"]["seconds"] = float(np.median(seconds["ours"]))
     if peers_python:

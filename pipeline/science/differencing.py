@@ -11,7 +11,7 @@ from astropy.table import Table
 from pipeline.science.background import estimate_background
 from pipeline.science.masks import grow
 from pipeline.science.preprocessing import FATAL, PreprocessedPair
-from pipeline.science.zogy import zogy
+from pipeline.science.zogy import torch_available, zogy
 
 __all__ = ["Difference", "difference_pair", "tile_slices"]
 
@@ -175,8 +175,6 @@ def difference_pair(
         if (ty, tx) == centre_tile:
             p_d, f_d = result.P_D, result.F_D
     if backend == "auto":
-        from pipeline.science.zogy import torch_available
-
         used_backend = "torch" if torch_available() else "numpy"
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
     invalid = grow((pair.mask & np.uint8(FATAL)) > 0, int(np.ceil(mask_growth * fwhm)))

@@ -108,7 +108,7 @@ def _robust_ratio(ratios: np.ndarray, noise: np.ndarray) -> tuple[float, float, 
     for _ in range(5):
         centre = np.median(ratios[keep])
         spread = 1.4826 * np.median(np.abs(ratios[keep] - centre))
-        keep = np.abs(ratios - centre) < 4 * np.hypot(spread, 0) + 1e-12
+        keep = np.abs(ratios - centre) < 4 * spread + 1e-12
         if keep.sum() < 3:
             keep = np.ones(len(ratios), dtype=bool)
             break

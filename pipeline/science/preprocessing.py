@@ -12,7 +12,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from pipeline.science.background import estimate_background
+from pipeline.science.background import Background, estimate_background
 from pipeline.science.image import Image
 from pipeline.science.masks import (
     bad_column_mask,
@@ -139,13 +139,14 @@ def _combine_bits(masks: dict) -> np.ndarray:
     return out
 
 
-def _subtract_background(image: Image, mask: np.ndarray, box: int) -> tuple[np.ndarray, Any]:
+def _subtract_background(image: Image, mask: np.ndarray, box: int) -> tuple[np.ndarray, Background]:
     """Background from pixels free of sources, including the faint wings of bright ones.
 
-    A first estimate finds the sources; their footprints down to about 1σ per pixel,
-    grown, are then left out, so the wings of bright stars and galaxies do not raise
-    the background around them (which would carve dark rings that differ between the
-    two epochs).
+    A first estimate with the defects masked finds the sources; their footprints down
+    to about 1σ per pixel, grown, are then left out, so the wings of bright stars and
+    galaxies do not raise the background around them (which would carve dark rings that
+    differ between the two epochs). The estimate made for the masks cannot stand in for
+    the first one: saturated cores and bleed trails bias it near bright stars.
     """
     first = estimate_background(image.data, mask, box=box)
     residual = np.nan_to_num(image.data - first.level).astype(np.float32)
