@@ -14,6 +14,7 @@ from pipeline import __version__
 from pipeline.config import describe, get_config
 from pipeline.errors import AstrError
 from pipeline.store import ArtifactStore, Catalogue, migrate
+from pipeline.workflow.prefect_server import PrefectServer
 
 __all__ = ["app", "main"]
 
@@ -29,6 +30,8 @@ config_app = typer.Typer(help="Inspect the effective settings.", no_args_is_help
 store_app = typer.Typer(help="Observation catalogue and artifact storage.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(store_app, name="store")
+server_app = typer.Typer(help="The local Prefect server (UI and API).", no_args_is_help=True)
+app.add_typer(server_app, name="server")
 
 console = Console()
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -109,6 +112,57 @@ def demo() -> None:
         "differencing, detection, validation) and the model lifecycle. This demo covers "
         "what exists today: settings, the observation catalogue and artifact storage."
     )
+
+
+@server_app.command("start")
+def server_start(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[
+        int | None,
+        typer.Option(help="Port to listen on (default: the configured URL's; 0 picks one)."),
+    ] = None,
+    allow_remote: Annotated[
+        bool, typer.Option("--allow-remote", help="Allow a non-loopback host such as 0.0.0.0.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the server to answer.")
+    ] = 60.0,
+) -> None:
+    """Start the Prefect server in the background (SQLite under the project home).
+
+    If this home's server already runs there, it is left as it is.
+    """
+    server = PrefectServer(get_config())
+    already = server.status()
+    server.start_server(host, port, allow_remote=allow_remote, timeout=timeout)
+    status = server.status()
+    verb = "already running" if already["running"] else "started"
+    console.print(f"Prefect server {verb} (pid {status['pid']})")
+    console.print(f"UI:  {status['ui_url']}")
+    console.print(f"API: {status['url']}  (PREFECT_API_URL for clients)")
+    console.print(f"log: {status['log']}")
+
+
+@server_app.command("stop")
+def server_stop() -> None:
+    """Stop the Prefect server started from this project home (no-op if none runs)."""
+    server = PrefectServer(get_config())
+    running = server.status()["running"]
+    server.stop_server()
+    console.print("Prefect server stopped" if running else "no Prefect server was running")
+
+
+@server_app.command("status")
+def server_status(as_json: JsonFlag = False) -> None:
+    """Show whether the Prefect server runs and answers, its URL, version and files."""
+    status = PrefectServer(get_config()).status()
+    if as_json:
+        typer.echo(json.dumps(status, indent=2))
+        return
+    table = Table(title="astr server", show_header=False)
+    for key, value in status.items():
+        table.add_row(key, str(value))
+    console.print(table)
 
 
 def _store_status() -> dict[str, Any]:

@@ -14,6 +14,7 @@ __all__ = [
     "NotFitsError",
     "NotFoundError",
     "ScienceError",
+    "ServerError",
     "StorageError",
     "StorageKeyError",
     "WCSError",
@@ -42,6 +43,10 @@ class CatalogueError(AstrError):
 
 class NotFoundError(CatalogueError, LookupError):
     """A catalogue record with the given id does not exist."""
+
+
+class ServerError(AstrError):
+    """A service the pipeline needs (the Prefect server) cannot be started, reached or stopped."""
 
 
 class ScienceError(AstrError):

@@ -42,3 +42,70 @@ def catalogue(tmp_path: Path) -> Iterator[Catalogue]:
 def store(tmp_path: Path) -> ArtifactStore:
     """A local artifact store in a temporary directory."""
     return ArtifactStore(StorageConfig(backend="local", root=str(tmp_path / "artifacts")))
+
+
+# A loaded CI machine can take well over 15 s to start a Prefect server.
+PREFECT_START_TIMEOUT = 180.0
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One real Prefect server for the whole test session; yields its API URL.
+
+    The server keeps its SQLite database and log in a session temporary directory
+    (not the per-test ``ASTR_HOME``) and listens on a free loopback port. While the
+    session runs, ``PREFECT_API_URL`` points at it in the environment (inherited by
+    subprocesses such as notebook kernels) and in the already-imported Prefect's
+    settings, and ``PREFECT_HOME`` is a session directory, so no test touches
+    ``~/.prefect``. Logs that flows send to the API are flushed before the server stops.
+    """
+    import dataclasses
+
+    from pipeline.config import load_config
+    from pipeline.workflow.prefect_server import (
+        PrefectServer,
+        refresh_prefect_settings,
+        using_server,
+    )
+
+    root = tmp_path_factory.mktemp("prefect-server")
+    config = dataclasses.replace(load_config(environ={}), home=root / "home")
+    server = PrefectServer(config, start_timeout=PREFECT_START_TIMEOUT)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PREFECT_HOME", str(root / "client"))
+        patch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        patch.delenv("PREFECT_API_AUTH_STRING", raising=False)
+        server.start_server("127.0.0.1", 0)
+        try:
+            with using_server(server.api_url) as url:
+                yield url
+                _drain_prefect_workers()
+        finally:
+            server.stop_server()
+    refresh_prefect_settings()
+
+
+@pytest.fixture
+def prefect_server_url(prefect_server: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The session Prefect server, also as this test's ``ASTR_PREFECT_SERVER_URL``.
+
+    Use it in tests of code that calls ``get_config()`` / ``ensure_server()``: they then
+    find the session server instead of starting one under the per-test home.
+    """
+    monkeypatch.setenv("ASTR_PREFECT_SERVER_URL", prefect_server)
+    get_config.cache_clear()
+    return prefect_server
+
+
+def _drain_prefect_workers() -> None:
+    """Send what Prefect's background workers still hold (logs, events) to the API."""
+    import sys
+
+    if "prefect.logging.handlers" in sys.modules:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=30)
+    if "prefect.events.worker" in sys.modules:
+        from prefect.events.worker import EventsWorker
+
+        EventsWorker.drain_all(timeout=30)

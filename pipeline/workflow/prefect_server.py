@@ -1,0 +1,766 @@
+"""The local Prefect server: start it, stop it, ask how it is, point Prefect clients at it.
+
+The server runs as ``prefect server start`` in its own process session, so it outlives
+the command that started it. Everything it owns lives under ``<home>/prefect/``:
+
+- ``prefect.db``: its SQLite database;
+- ``server.log``: its standard output and error (appended, one header line per start);
+- ``server.json``: the state file (pid, host, port, url, started_at), written when the
+  process is spawned and removed when it is stopped, so another process can stop it;
+- ``server.lock``: serialises concurrent starts and stops from the same home.
+
+Starting is idempotent: when this home's server is already recorded, alive and answering
+on the requested port, :meth:`PrefectServer.start_server` logs that it reuses it and
+returns. A different server answering on the port, or this home's server running on
+another port, is an error (one home holds one database, so it runs one server).
+
+This module does not import Prefect at import time; it talks HTTP to the server's health
+endpoint with the standard library. :func:`use_server` updates an already-imported
+Prefect so that its clients use a new API URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import fcntl
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from pipeline.config import WorkflowConfig, get_config
+from pipeline.errors import ServerError
+
+__all__ = [
+    "DEFAULT_START_TIMEOUT",
+    "DEFAULT_STOP_TIMEOUT",
+    "PrefectServer",
+    "ServerState",
+    "api_url_for",
+    "ensure_server",
+    "is_healthy",
+    "is_loopback",
+    "refresh_prefect_settings",
+    "tail_lines",
+    "use_server",
+    "using_server",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_START_TIMEOUT = 60.0
+"""Seconds to wait for a new server's health endpoint (a loaded machine takes 15 s or more)."""
+DEFAULT_STOP_TIMEOUT = 10.0
+"""Seconds between SIGTERM and SIGKILL when stopping the server."""
+
+_POLL_INTERVAL = 0.25
+_LOG_TAIL_LINES = 40
+# Popen objects of servers this process started, so they are reaped (no zombies).
+_CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What the state file records about a started server.
+
+    Parameters
+    ----------
+    pid : int
+        Process id of ``prefect server start``; it leads its own process group.
+    host : str
+        Address the server listens on.
+    port : int
+        Port the server listens on.
+    url : str
+        API URL for clients (``http://host:port/api``).
+    started_at : str
+        ISO 8601 UTC time of the start.
+    """
+
+    pid: int
+    host: str
+    port: int
+    url: str
+    started_at: str
+
+
+class PrefectServer:
+    """A Prefect server on SQLite whose files live under ``<home>/prefect/``.
+
+    Parameters
+    ----------
+    config : WorkflowConfig, optional
+        Settings (default: :func:`pipeline.config.get_config`). ``home`` places the
+        server's files; ``prefect_server_url`` gives the default host and port;
+        ``prefect_api_auth_string``, when set, turns on the server's basic auth.
+    start_timeout : float
+        Seconds :meth:`start_server` waits for the health endpoint to answer.
+    stop_timeout : float
+        Seconds :meth:`stop_server` waits after SIGTERM before it sends SIGKILL.
+    """
+
+    def __init__(
+        self,
+        config: WorkflowConfig | None = None,
+        *,
+        start_timeout: float = DEFAULT_START_TIMEOUT,
+        stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+    ) -> None:
+        self.config = config if config is not None else get_config()
+        self.start_timeout = start_timeout
+        self.stop_timeout = stop_timeout
+        self.directory = Path(self.config.home) / "prefect"
+        self.database_path = self.directory / "prefect.db"
+        self.log_path = self.directory / "server.log"
+        self.state_path = self.directory / "server.json"
+        self._lock_path = self.directory / "server.lock"
+        configured = urlsplit(self.config.prefect_server_url)
+        self._host = configured.hostname or "127.0.0.1"
+        self._port = configured.port or 4200
+
+    # -- addresses -------------------------------------------------------------------
+
+    @property
+    def host(self) -> str:
+        """Host of the recorded server, else of the last start, else of the configured URL."""
+        state = self._read_state()
+        return state.host if state else self._host
+
+    @property
+    def port(self) -> int:
+        """Port of the recorded server, else of the last start, else of the configured URL."""
+        state = self._read_state()
+        return state.port if state else self._port
+
+    @property
+    def url(self) -> str:
+        """API URL of this server, ``http://host:port/api``."""
+        return api_url_for(self.host, self.port)
+
+    @property
+    def api_url(self) -> str:
+        """API URL for Prefect clients (``PREFECT_API_URL``); the same as :attr:`url`."""
+        return self.url
+
+    @property
+    def ui_url(self) -> str:
+        """Address of the Prefect UI, ``http://host:port``."""
+        return self.url.removesuffix("/api")
+
+    @property
+    def database_url(self) -> str:
+        """SQLAlchemy URL of the server's SQLite database (async driver, as Prefect needs)."""
+        return f"sqlite+aiosqlite:///{self.database_path}"
+
+    # -- start -----------------------------------------------------------------------
+
+    def start_server(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        *,
+        allow_remote: bool = False,
+        timeout: float | None = None,
+    ) -> None:
+        """Start the server in the background and wait until it answers.
+
+        Parameters
+        ----------
+        host : str
+            Address to listen on. Only loopback addresses are allowed unless
+            ``allow_remote`` is true (the server has no authentication unless
+            ``prefect_api_auth_string`` is set).
+        port : int, optional
+            Port to listen on; default: the configured URL's port. ``0`` picks a free port.
+        allow_remote : bool
+            Allow a non-loopback ``host`` such as ``0.0.0.0``.
+        timeout : float, optional
+            Seconds to wait for the health endpoint (default: ``start_timeout``).
+
+        Raises
+        ------
+        ServerError
+            If the host is not loopback and not allowed, if this home's server runs on
+            another address, if another server already answers on the port, or if the
+            server exits or does not answer in time (the message holds the log's tail).
+        """
+        _check_host(host, allow_remote)
+        port = self._port if port is None else _check_port(port)
+        wait = self.start_timeout if timeout is None else timeout
+        with self._locked():
+            state = self._live_state()
+            if state is not None:
+                self._reuse(state, host, port, wait)
+                return
+            if port == 0:
+                port = _free_port(host)
+            url = api_url_for(host, port)
+            if is_healthy(url, auth_string=self.config.prefect_api_auth_string):
+                raise ServerError(
+                    f"a Prefect server not started from {self.directory} already answers at "
+                    f"{url}: use it (ASTR_PREFECT_SERVER_URL={url}) or choose another port"
+                )
+            self._spawn(host, port, wait)
+
+    def _reuse(self, state: ServerState, host: str, port: int, wait: float) -> None:
+        """Accept this home's running server if it is the one asked for, else refuse."""
+        if state.host != host or port not in (0, state.port):
+            raise ServerError(
+                f"this home's Prefect server already runs at {state.url} (pid {state.pid}); "
+                f"run `astr server stop` before starting one at {api_url_for(host, port)}"
+            )
+        self._host, self._port = state.host, state.port
+        self._wait_healthy(state.pid, state.url, wait, offset=0)
+        logger.info("Prefect server already running at %s (pid %d): reused", state.url, state.pid)
+
+    def _spawn(self, host: str, port: int, wait: float) -> None:
+        """Launch ``prefect server start`` detached, record it and wait for health."""
+        url = api_url_for(host, port)
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        started_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        command = [sys.executable, "-m", "prefect", "server", "start"]
+        command += ["--host", host, "--port", str(port)]
+        with self.log_path.open("ab") as log:
+            log.write(f"=== {started_at} astr: starting {url} ===\n".encode())
+            log.flush()
+            process = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=self.directory,
+                env=self.server_environment(host, port),
+                start_new_session=True,
+            )
+        _CHILDREN[process.pid] = process
+        state = ServerState(process.pid, host, port, url, started_at)
+        self._write_state(state)
+        self._host, self._port = host, port
+        try:
+            self._wait_healthy(process.pid, url, wait, offset)
+        except ServerError:
+            _terminate_group(process.pid, self.stop_timeout)
+            self.state_path.unlink(missing_ok=True)
+            raise
+        logger.info("Prefect server started at %s (pid %d)", url, process.pid)
+
+    def server_environment(self, host: str, port: int) -> dict[str, str]:
+        """Environment of the server process: this one's, plus the server's own settings.
+
+        Parameters
+        ----------
+        host, port
+            Address the server listens on.
+
+        Returns
+        -------
+        dict
+            ``PREFECT_HOME``, the SQLite connection URL, analytics off, host and port,
+            ``PREFECT_API_URL`` (the UI's API address) and, when configured, the
+            basic-auth string.
+        """
+        env = dict(os.environ)
+        env.update(
+            PREFECT_HOME=str(self.directory),
+            PREFECT_SERVER_DATABASE_CONNECTION_URL=self.database_url,
+            PREFECT_SERVER_ANALYTICS_ENABLED="false",
+            PREFECT_SERVER_API_HOST=host,
+            PREFECT_SERVER_API_PORT=str(port),
+            PREFECT_API_URL=api_url_for(host, port),
+        )
+        # An inherited legacy spelling must not point the server at another database.
+        env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
+        env.pop("PREFECT_SERVER_API_AUTH_STRING", None)
+        if self.config.prefect_api_auth_string:
+            env["PREFECT_SERVER_API_AUTH_STRING"] = self.config.prefect_api_auth_string
+            env["PREFECT_API_AUTH_STRING"] = self.config.prefect_api_auth_string
+        return env
+
+    def _wait_healthy(self, pid: int, url: str, wait: float, offset: int) -> None:
+        """Poll the health endpoint until it answers, the process dies or time runs out."""
+        deadline = time.monotonic() + wait
+        while True:
+            if is_healthy(url, auth_string=self.config.prefect_api_auth_string):
+                return
+            if not _alive(pid):
+                code = _exit_code(pid)
+                raise ServerError(
+                    f"the Prefect server for {url} exited during start"
+                    + (f" with code {code}" if code is not None else "")
+                    + self._log_tail(offset)
+                )
+            if time.monotonic() >= deadline:
+                raise ServerError(
+                    f"the Prefect server for {url} (pid {pid}) did not answer its health "
+                    f"check within {wait:g} s" + self._log_tail(offset)
+                )
+            time.sleep(_POLL_INTERVAL)
+
+    def _log_tail(self, offset: int) -> str:
+        lines = tail_lines(self.log_path, offset, _LOG_TAIL_LINES)
+        if not lines:
+            return f"; its log {self.log_path} is empty"
+        return f"; last lines of {self.log_path}:\n" + "\n".join(lines)
+
+    # -- stop ------------------------------------------------------------------------
+
+    def stop_server(self) -> None:
+        """Stop this home's server (SIGTERM to its process group, SIGKILL after the grace).
+
+        Works from any process: the pid comes from the state file. Stopping when
+        nothing is recorded, or when the recorded process is already gone, only
+        removes the stale state file.
+
+        Raises
+        ------
+        ServerError
+            If the process group survives SIGKILL.
+        """
+        _reap_children()
+        if not self.directory.exists():
+            return
+        with self._locked():
+            state = self._read_state()
+            if state is None:
+                logger.info("no Prefect server recorded under %s", self.directory)
+                return
+            if _alive(state.pid) and _looks_like_prefect(state.pid):
+                _terminate_group(state.pid, self.stop_timeout)
+                logger.info("Prefect server at %s (pid %d) stopped", state.url, state.pid)
+            self.state_path.unlink(missing_ok=True)
+
+    # -- status ----------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Describe the server: recorded process, health, version and files.
+
+        Returns
+        -------
+        dict
+            ``running`` (the recorded process is alive), ``healthy`` (the URL answers
+            its health check), ``pid``, ``url``, ``ui_url``, ``host``, ``port``,
+            ``started_at``, ``version`` (the server's, when it answers),
+            ``prefect_version`` (installed here), ``database``, ``log``, ``state_file``.
+        """
+        state = self._live_state()
+        url = state.url if state else self.url
+        healthy = self.is_healthy(url)
+        return {
+            "running": state is not None,
+            "healthy": healthy,
+            "pid": state.pid if state else None,
+            "url": url,
+            "ui_url": url.removesuffix("/api"),
+            "host": state.host if state else self.host,
+            "port": state.port if state else self.port,
+            "started_at": state.started_at if state else None,
+            "version": self._server_version(url) if healthy else None,
+            "prefect_version": _installed_prefect_version(),
+            "database": str(self.database_path),
+            "log": str(self.log_path),
+            "state_file": str(self.state_path),
+        }
+
+    def is_healthy(self, url: str | None = None) -> bool:
+        """Whether ``url`` (default: this server's) answers the health check."""
+        return is_healthy(url or self.url, auth_string=self.config.prefect_api_auth_string)
+
+    def _server_version(self, url: str) -> str | None:
+        try:
+            body = _http_get(f"{url}/admin/version", 5.0, self.config.prefect_api_auth_string)
+            return str(json.loads(body))
+        except (OSError, ValueError):
+            return None
+
+    # -- state file ------------------------------------------------------------------
+
+    def _read_state(self) -> ServerState | None:
+        try:
+            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+            return ServerState(
+                int(data["pid"]),
+                str(data["host"]),
+                int(data["port"]),
+                str(data["url"]),
+                str(data["started_at"]),
+            )
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _write_state(self, state: ServerState) -> None:
+        tmp = self.state_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(state), indent=2) + "\n", encoding="utf-8")
+        tmp.replace(self.state_path)
+
+    def _live_state(self) -> ServerState | None:
+        """The recorded server if its process is alive; a stale record is removed."""
+        _reap_children()
+        state = self._read_state()
+        if state is None:
+            return None
+        if _alive(state.pid) and _looks_like_prefect(state.pid):
+            return state
+        with contextlib.suppress(OSError):
+            self.state_path.unlink(missing_ok=True)
+        return None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Hold an exclusive lock on ``server.lock`` (one start or stop at a time)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with self._lock_path.open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# -- clients -----------------------------------------------------------------------------
+
+
+def ensure_server(
+    config: WorkflowConfig | None = None, *, timeout: float = DEFAULT_START_TIMEOUT
+) -> tuple[str, str]:
+    """Make sure the configured Prefect server answers, starting a local one if needed.
+
+    Parameters
+    ----------
+    config : WorkflowConfig, optional
+        Settings (default: :func:`pipeline.config.get_config`).
+    timeout : float
+        Seconds to wait for a server this call starts.
+
+    Returns
+    -------
+    url : str
+        The API URL now in use (``config.prefect_server_url``).
+    how : str
+        ``"configured"`` when a server already answered there, ``"started"`` when this
+        call started the local server on the URL's host and port.
+
+    Raises
+    ------
+    ServerError
+        If the URL does not answer and is not a local ``http://<loopback>:<port>/api``
+        address this process could start a server on, or if the start fails.
+
+    Notes
+    -----
+    Sets ``PREFECT_API_URL`` (and ``PREFECT_API_AUTH_STRING`` when configured) in this
+    process's environment, inherited by its children, and refreshes an already-imported
+    Prefect's settings (see :func:`use_server`).
+    """
+    config = config if config is not None else get_config()
+    url = config.prefect_server_url
+    auth = config.prefect_api_auth_string
+    if is_healthy(url, auth_string=auth):
+        how = "configured"
+    else:
+        host, port = _local_address(url)
+        PrefectServer(config, start_timeout=timeout).start_server(host, port)
+        how = "started"
+    use_server(url, auth_string=auth)
+    return url, how
+
+
+def use_server(url: str, auth_string: str | None = None) -> None:
+    """Point Prefect clients of this process, and of processes it starts, at ``url``.
+
+    Parameters
+    ----------
+    url : str
+        Prefect API URL, e.g. ``http://127.0.0.1:4200/api``.
+    auth_string : str, optional
+        Basic-auth ``user:password`` of a server started with an auth string.
+
+    Notes
+    -----
+    Prefect reads its settings from the environment into a process-global settings
+    context when it is first imported, so changing ``PREFECT_API_URL`` afterwards has
+    no effect on its own. This function sets the variables and, when Prefect is already
+    imported, rebuilds that global context. Code running inside its own Prefect
+    settings context (``temporary_settings``, a test harness) keeps that context's URL.
+    """
+    os.environ["PREFECT_API_URL"] = url
+    if auth_string:
+        os.environ["PREFECT_API_AUTH_STRING"] = auth_string
+    refresh_prefect_settings()
+
+
+@contextlib.contextmanager
+def using_server(url: str, auth_string: str | None = None) -> Iterator[str]:
+    """Context manager form of :func:`use_server`; restores the previous settings on exit.
+
+    Parameters
+    ----------
+    url : str
+        Prefect API URL.
+    auth_string : str, optional
+        Basic-auth ``user:password``.
+
+    Yields
+    ------
+    str
+        ``url``.
+    """
+    names = ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING")
+    saved = {name: os.environ.get(name) for name in names}
+    use_server(url, auth_string)
+    try:
+        yield url
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        refresh_prefect_settings()
+
+
+def refresh_prefect_settings() -> None:
+    """Rebuild an imported Prefect's global settings context from the environment."""
+    context = sys.modules.get("prefect.context")
+    if context is None:
+        return  # Prefect is not imported yet: it will read the environment then.
+    refresh = getattr(context, "refresh_global_settings_context", None)
+    if refresh is not None:
+        refresh()
+    else:  # Prefect 3 releases before the function existed
+        context.GLOBAL_SETTINGS_CONTEXT = context.root_settings_context()
+
+
+def _local_address(url: str) -> tuple[str, int]:
+    """Host and port of a URL that a local server could serve, else a clear error."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if not is_loopback(host):
+        raise ServerError(
+            f"the Prefect server at {url} (prefect_server_url) does not answer its health "
+            f"check at {url}/health; start it there, or point ASTR_PREFECT_SERVER_URL at a "
+            "running server (a local one starts by itself when the URL is on loopback)"
+        )
+    if parts.scheme != "http" or parts.path.rstrip("/") != "/api" or parts.port is None:
+        raise ServerError(
+            f"the Prefect server at {url} does not answer, and a local server can only be "
+            "started for a URL of the form http://127.0.0.1:<port>/api"
+        )
+    return host, parts.port
+
+
+# -- small helpers -----------------------------------------------------------------------
+
+
+def api_url_for(host: str, port: int) -> str:
+    """API URL of a server listening on ``host:port`` (wildcard hosts map to loopback).
+
+    Parameters
+    ----------
+    host : str
+        Listening address; ``0.0.0.0`` and ``::`` are reached through loopback.
+    port : int
+        Listening port.
+
+    Returns
+    -------
+    str
+        ``http://host:port/api`` (IPv6 hosts in brackets).
+    """
+    reach = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    if ":" in reach:
+        reach = f"[{reach}]"
+    return f"http://{reach}:{port}/api"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is ``localhost`` or a loopback IP address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_healthy(url: str, *, timeout: float = 2.0, auth_string: str | None = None) -> bool:
+    """Whether a Prefect API answers ``GET <url>/health`` with ``true``.
+
+    Parameters
+    ----------
+    url : str
+        Prefect API URL, e.g. ``http://127.0.0.1:4200/api``.
+    timeout : float
+        Seconds to wait for the answer.
+    auth_string : str, optional
+        Basic-auth ``user:password`` (Prefect exempts the health check, but a proxy
+        in front of it may not).
+
+    Returns
+    -------
+    bool
+    """
+    try:
+        return json.loads(_http_get(f"{url.rstrip('/')}/health", timeout, auth_string)) is True
+    except (OSError, ValueError):
+        return False
+
+
+def tail_lines(path: Path, offset: int = 0, count: int = _LOG_TAIL_LINES) -> list[str]:
+    """The last ``count`` non-empty lines of a file after byte ``offset`` (none if absent)."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return []
+    lines = [line.rstrip() for line in text.splitlines() if line.strip()]
+    return lines[-count:]
+
+
+def _http_get(url: str, timeout: float, auth_string: str | None) -> bytes:
+    request = urllib.request.Request(url, method="GET")
+    if auth_string:
+        token = base64.b64encode(auth_string.encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    handlers = []
+    if is_loopback(urlsplit(url).hostname or ""):
+        handlers.append(urllib.request.ProxyHandler({}))  # never send loopback via a proxy
+    opener = urllib.request.build_opener(*handlers)
+    with opener.open(request, timeout=timeout) as response:
+        return response.read()
+
+
+def _check_host(host: str, allow_remote: bool) -> None:
+    if not host:
+        raise ServerError("the server host is empty; give e.g. 127.0.0.1")
+    if not allow_remote and not is_loopback(host):
+        raise ServerError(
+            f"refusing to start the Prefect server on {host}: it is not a loopback address "
+            "and the server would be reachable from the network (without authentication "
+            "unless ASTR_PREFECT_API_AUTH_STRING is set); pass allow_remote=True "
+            "(astr server start --allow-remote) to do it anyway"
+        )
+
+
+def _check_port(port: int) -> int:
+    if not 0 <= port <= 65535:
+        raise ServerError(f"port {port} is outside 0-65535 (0 picks a free port)")
+    return port
+
+
+def _free_port(host: str) -> int:
+    """A port on ``host`` that nothing listens on right now."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _reap_children() -> None:
+    """Forget servers this process started that have exited (another process may stop them)."""
+    for pid, child in list(_CHILDREN.items()):
+        if child.poll() is not None:
+            _CHILDREN.pop(pid, None)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and has not exited (zombies count as exited)."""
+    child = _CHILDREN.get(pid)
+    if child is not None:
+        return child.poll() is None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _exit_code(pid: int) -> int | None:
+    child = _CHILDREN.get(pid)
+    return None if child is None else child.poll()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[:1] == ["Z"]
+
+
+def _looks_like_prefect(pid: int) -> bool:
+    """Guard against a recycled pid: the process's command line mentions prefect."""
+    try:
+        return b"prefect" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc (macOS): trust the record
+    except OSError:
+        return True
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    """Send ``sig`` to the process group that ``pid`` leads, or to ``pid`` alone."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _group_exists(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _terminate_group(pid: int, grace: float) -> None:
+    """SIGTERM the group led by ``pid``; SIGKILL what is left after ``grace`` seconds."""
+    _signal_group(pid, signal.SIGTERM)
+    if not _wait_gone(pid, grace):
+        _signal_group(pid, signal.SIGKILL)
+        if not _wait_gone(pid, 10.0):
+            raise ServerError(f"the Prefect server process {pid} survived SIGKILL")
+    if _group_exists(pid):  # stragglers of the group outlived their leader
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    child = _CHILDREN.pop(pid, None)
+    if child is not None:
+        child.wait(timeout=10.0)
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def _installed_prefect_version() -> str | None:
+    try:
+        return metadata.version("prefect")
+    except metadata.PackageNotFoundError:
+        return None
