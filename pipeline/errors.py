@@ -6,17 +6,24 @@ __all__ = [
     "CatalogueError",
     "ConfigError",
     "EmptyImageError",
+    "FlowStepError",
     "FootprintError",
     "ImageNotFoundError",
     "ImageTooLargeError",
     "InvalidOverrideError",
+    "KernelDiedError",
     "NoImageError",
     "NotFitsError",
     "NotFoundError",
+    "NotebookCancelledError",
+    "NotebookCellError",
+    "NotebookError",
+    "NotebookTimeoutError",
     "ScienceError",
     "ServerError",
     "StorageError",
     "StorageKeyError",
+    "UpstreamProductError",
     "WCSError",
 ]
 
@@ -87,3 +94,39 @@ class ImageTooLargeError(ScienceError):
 
 class InvalidOverrideError(ScienceError, ValueError):
     """A header override has an unknown key or a value outside its allowed range."""
+
+
+class NotebookError(AstrError):
+    """A notebook could not be run to the end.
+
+    ``attempts`` holds the runner's record of every attempt (executed notebooks and
+    HTML reports included), so a caller can publish the failed reports too.
+    """
+
+    def __init__(self, message: str, *, attempts: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
+class NotebookCellError(NotebookError):
+    """Code in a notebook cell raised an exception (a bug or bad input: never retried)."""
+
+
+class NotebookTimeoutError(NotebookError, TimeoutError):
+    """A notebook, or one of its cells, ran past its time limit."""
+
+
+class KernelDiedError(NotebookError):
+    """The notebook's kernel died or could not be started."""
+
+
+class NotebookCancelledError(NotebookError):
+    """The run was cancelled; its kernel was stopped."""
+
+
+class FlowStepError(AstrError):
+    """A pipeline step could not run or record its products."""
+
+
+class UpstreamProductError(FlowStepError):
+    """A step's input product from an earlier step is missing or that step failed."""

@@ -1,0 +1,266 @@
+"""The notebook runner against real kernels."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from pipeline.errors import (
+    KernelDiedError,
+    NotebookCancelledError,
+    NotebookCellError,
+    NotebookError,
+    NotebookTimeoutError,
+)
+from pipeline.runner import KernelPool, NotebookRunner, backoff_delay, start_kernel
+from pipeline.runner.cache import cache_key
+from pipeline.runner.kernels import live_kernel_pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return not _alive(pid)
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> NotebookRunner:
+    return NotebookRunner(
+        tmp_path / "work", retry_attempts=1, backoff=0.05, cache_dir=tmp_path / "cache"
+    )
+
+
+def test_parameters_injected_and_outputs_returned(runner, make_notebook, tmp_path):
+    nb = make_notebook()
+    lines: list[str] = []
+    progress: list[tuple[int, int]] = []
+    result = runner.run(
+        nb,
+        {"x": 42},
+        on_text=lambda cell, text: lines.append(text),
+        on_progress=lambda done, total, cell: progress.append((done, total)),
+    )
+    assert result.outputs["x"] == 42
+    assert result.outputs["cwd"] == str(nb.parent.resolve())  # relative paths as in JupyterLab
+    assert not result.cached and result.attempt_count == 1
+    assert (result.output_dir / "result.txt").read_text() == "42"
+    assert result.output_dir.is_relative_to(tmp_path / "work" / "probe")
+    executed = nbformat.read(result.executed_notebook, as_version=4)
+    assert executed.metadata["astr"]["status"] == "completed"
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in executed.cells)
+    assert "started 42" in result.html_report.read_text()
+    assert result.html_report_uri.startswith("file://")
+    assert "started 42\n" in "".join(lines)
+    total = progress[-1][1]
+    assert progress[-1] == (total, total) and total == 9  # parameters, injected parameters, 7 cells
+    assert result.durations["wall"] >= result.durations["kernel"] > 0
+    assert result.attempts[0].kernel_seconds == pytest.approx(result.durations["kernel"])
+
+
+def test_cache_hit_force_and_invalidation(runner, make_notebook, tmp_path):
+    nb = make_notebook()
+    data = tmp_path / "input.txt"
+    data.write_text("a")
+    first = runner.run(nb, {"x": 1}, inputs={"data": data})
+    second = runner.run(nb, {"x": 1}, inputs={"data": data})
+    assert second.cached and second.outputs == first.outputs
+    assert second.output_dir == first.output_dir and second.cache_key == first.cache_key
+    assert not runner.run(nb, {"x": 1}, inputs={"data": data}, force=True).cached
+    assert not runner.run(nb, {"x": 2}, inputs={"data": data}).cached  # parameters
+    data.write_text("b")
+    assert not runner.run(nb, {"x": 1}, inputs={"data": data}).cached  # input checksum
+    # a product changed behind the cache's back: the entry is not trusted
+    latest = runner.run(nb, {"x": 1}, inputs={"data": data})
+    assert latest.cached
+    (latest.output_dir / "result.txt").write_text("tampered")
+    assert not runner.run(nb, {"x": 1}, inputs={"data": data}).cached
+
+
+def test_cache_key_ignores_output_dir_only():
+    base = cache_key(b"nb", {"x": 1, "output_dir": "/a"}, {"i": "0" * 64})
+    assert base == cache_key(b"nb", {"output_dir": "/b", "x": 1}, {"i": "0" * 64})
+    assert base != cache_key(b"nb2", {"x": 1}, {"i": "0" * 64})
+    assert base != cache_key(b"nb", {"x": 2}, {"i": "0" * 64})
+    assert base != cache_key(b"nb", {"x": 1}, {"i": "1" * 64})
+
+
+def test_cell_error_fails_at_once_with_source_and_traceback(runner, make_notebook):
+    nb = make_notebook()
+    with pytest.raises(NotebookCellError) as info:
+        runner.run(nb, {"fail": "bad pixel scale"})
+    message = str(info.value)
+    assert "ValueError: bad pixel scale" in message
+    assert "raise ValueError(fail)" in message  # the cell's source
+    assert "Traceback" in message and "\x1b[" not in message
+    assert len(info.value.attempts) == 1  # a bug is not retried
+    attempt = info.value.attempts[0]
+    assert attempt.status == "failed" and attempt.notebook.name == "probe.failed.ipynb"
+    kept = nbformat.read(attempt.notebook, as_version=4)
+    assert kept.metadata["astr"]["status"] == "failed"
+    assert "FAILED" in kept.cells[0].source and "FAILED" in attempt.html.read_text()
+
+
+def test_transient_error_is_retried(runner, make_notebook, tmp_path):
+    result = runner.run(make_notebook(), {"flaky": str(tmp_path / "flaky.marker")})
+    assert [a.status for a in result.attempts] == ["failed", "completed"]
+    assert "ConnectionError" in result.attempts[0].error
+
+
+def test_kernel_death_is_retried_and_both_attempts_kept(runner, make_notebook, tmp_path):
+    result = runner.run(make_notebook(), {"crash": str(tmp_path / "crash.marker")})
+    assert [a.status for a in result.attempts] == ["kernel_died", "completed"]
+    for attempt in result.attempts:
+        assert attempt.notebook.exists() and attempt.html.exists()
+    died = nbformat.read(result.attempts[0].notebook, as_version=4)
+    assert died.metadata["astr"]["status"] == "kernel_died"
+
+
+def test_notebook_timeout_fails_with_a_message_saying_so(runner, make_notebook):
+    with pytest.raises(NotebookTimeoutError, match="time limit") as info:
+        runner.run(make_notebook(), {"sleep": 60}, timeout=2)
+    assert [a.status for a in info.value.attempts] == ["timed_out", "timed_out"]
+    kept = nbformat.read(info.value.attempts[0].notebook, as_version=4)
+    printed = [o.get("text", "") for c in kept.cells for o in c.get("outputs", [])]
+    assert "started 1\n" in printed and "slept\n" not in printed
+
+
+def test_cell_timeout(tmp_path, make_notebook):
+    runner = NotebookRunner(tmp_path / "w", retry_attempts=0, cell_timeout=2)
+    with pytest.raises(NotebookTimeoutError, match="per-cell limit"):
+        runner.run(make_notebook(), {"sleep": 60})
+
+
+def test_cancel_stops_the_kernel_and_marks_the_partial_notebook(runner, make_notebook):
+    cancel = threading.Event()
+    pids: list[int] = []
+
+    def on_text(cell: int, text: str) -> None:
+        if text.startswith("started"):
+            pids.extend(live_kernel_pids())
+            cancel.set()
+
+    began = time.monotonic()
+    with pytest.raises(NotebookCancelledError) as info:
+        runner.run(make_notebook(), {"sleep": 60}, cancel_event=cancel, on_text=on_text)
+    assert time.monotonic() - began < 10
+    assert pids and all(_wait_gone(pid, 5) for pid in pids)
+    attempt = info.value.attempts[-1]
+    assert attempt.status == "cancelled" and attempt.notebook.name == "probe.cancelled.ipynb"
+    kept = nbformat.read(attempt.notebook, as_version=4)
+    assert "CANCELLED" in kept.cells[0].source
+    assert "started" in attempt.notebook.read_text()  # the output so far is kept
+
+
+def test_missing_outputs_json_is_a_contract_error(runner, make_notebook):
+    with pytest.raises(NotebookError, match=r"outputs\.json"):
+        runner.run(make_notebook(), {"write_outputs": False})
+
+
+def test_unreadable_notebook(runner, tmp_path):
+    bad = tmp_path / "bad.ipynb"
+    bad.write_text("{not json")
+    with pytest.raises(NotebookError, match="cannot read notebook"):
+        runner.run(bad)
+
+
+def test_pool_kernels_are_warm_used_once_and_share_no_state(tmp_path, make_notebook):
+    with KernelPool(1, warmup=("numpy",)) as pool:
+        runner = NotebookRunner(tmp_path / "w", pool=pool)
+        nb = make_notebook()
+        first = runner.run(nb, {"x": 1})
+        second = runner.run(nb, {"x": 2})
+    assert first.outputs["numpy_preloaded"] and second.outputs["numpy_preloaded"]
+    assert first.outputs["pid"] != second.outputs["pid"]
+    assert not first.outputs["leak"] and not second.outputs["leak"]
+    assert not _alive(first.outputs["pid"]) and not _alive(second.outputs["pid"])
+
+
+def test_kernels_use_ipc_and_run_concurrently(tmp_path, make_notebook):
+    kernel = start_kernel()
+    try:
+        info = json.loads(Path(kernel.manager.connection_file).read_text())
+        assert info["transport"] == "ipc"
+    finally:
+        kernel.kill()
+    assert _wait_gone(kernel.pid, 5)
+    runner = NotebookRunner(tmp_path / "w", retry_attempts=0)
+    nb = make_notebook()
+    results: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results[i] = runner.run(nb, {"x": i}).outputs["x"]
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and results == {i: i for i in range(4)}
+
+
+SCRIPT = """
+import sys, time
+from pipeline.runner import KernelPool
+pool = KernelPool(1, warmup=())
+kernel = pool.acquire()
+print(kernel.pid, flush=True)
+if sys.argv[1] == "hang":
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigkill"])
+def test_no_kernel_outlives_its_process(how):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SCRIPT, "exit" if how == "exit" else "hang"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    pid = int(proc.stdout.readline())
+    assert _alive(pid)
+    if how == "sigkill":
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    proc.stdout.close()
+    assert _wait_gone(pid, 10), f"kernel {pid} outlived its process ({how})"
+
+
+def test_backoff_is_exponential_with_jitter():
+    rng = random.Random(0)
+    delays = [[backoff_delay(n, 1.0, 30.0, rng) for _ in range(200)] for n in (1, 2, 3, 9)]
+    for n, sample in zip((1, 2, 3), delays, strict=False):
+        centre = 2 ** (n - 1)
+        assert 0.5 * centre <= min(sample) and max(sample) < 1.5 * centre
+        assert max(sample) - min(sample) > 0.5 * centre  # jittered
+    assert max(delays[3]) < 45  # capped at 30 s x jitter
+
+
+def test_kernel_that_cannot_start_is_reported(tmp_path, make_notebook):
+    runner = NotebookRunner(tmp_path / "w", retry_attempts=0, kernel_name="no-such-kernel")
+    with pytest.raises(KernelDiedError, match="no-such-kernel"):
+        runner.run(make_notebook())
