@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -35,6 +36,9 @@ app.add_typer(server_app, name="server")
 
 console = Console()
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+VerboseFlag = Annotated[
+    bool, typer.Option("--verbose", "-v", help="Also print flow and notebook logs here.")
+]
 
 
 def main() -> None:
@@ -94,24 +98,199 @@ def store_status(as_json: JsonFlag = False) -> None:
     console.print(table)
 
 
-@app.command("demo")
-def demo() -> None:
-    """Run the end-to-end demo on embedded defaults (no external service needed).
+@app.command("observe")
+def observe(
+    science: Annotated[Path | None, typer.Option("--science", help="Science image (FITS).")] = None,
+    reference: Annotated[
+        Path | None, typer.Option("--reference", help="Reference image of the same field.")
+    ] = None,
+    manifest: Annotated[
+        Path | None,
+        typer.Option(
+            "--manifest",
+            help="CSV of pairs (science_path, reference_path, optional name, band, mjd...) "
+            "run concurrently within max_concurrent_flows.",
+        ),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", help="Where candidates.ecsv and reports/ go.")
+    ] = Path("astr-output"),
+    band: Annotated[str | None, typer.Option(help="Filter band (overrides the header).")] = None,
+    mjd: Annotated[float | None, typer.Option(help="MJD of the science exposure.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Rerun every step, ignoring cached results.")
+    ] = False,
+    verbose: VerboseFlag = False,
+) -> None:
+    """Find transients in a science image against a reference: all five pipeline steps.
 
-    The observation flows are not built yet: for now the demo sets up the project
-    home, migrates the catalogue, checks the artifact store with a checksummed round
-    trip and prints the settings and the store's state.
+    Writes OUTPUT/candidates.ecsv and OUTPUT/reports/<step>.html (with --manifest,
+    one folder per pair under OUTPUT).
     """
+    if manifest is not None and (science or reference):
+        raise typer.BadParameter("give either --manifest or --science/--reference, not both")
+    if manifest is None and not (science and reference):
+        raise typer.BadParameter("give --science and --reference (or --manifest)")
+    from pipeline.flows.submit import read_manifest
+
+    if manifest is not None:
+        items = read_manifest(manifest)
+        for name, data in items:
+            data.setdefault("output_dir", str((output / name).resolve()))
+            data["force"] = data.get("force", False) or force
+    else:
+        data: dict[str, Any] = {
+            "science_path": str(science),
+            "reference_path": str(reference),
+            "output_dir": str(output.resolve()),
+            "force": force,
+        }
+        if band is not None:
+            data["band"] = band
+        if mjd is not None:
+            data["mjd"] = mjd
+        items = [(Path(str(science)).stem, data)]
+    outcomes, ui = _run_with_progress(items, verbose=verbose)
+    _print_outcomes(outcomes, ui)
+    if any(o.state != "COMPLETED" for o in outcomes):
+        raise typer.Exit(1)
+
+
+@app.command("demo")
+def demo(
+    pairs: Annotated[int, typer.Option(min=1, max=12, help="Pairs in the simulated night.")] = 3,
+    size: Annotated[int, typer.Option(min=512, max=2048, help="Image side (pixels).")] = 1024,
+    verbose: VerboseFlag = False,
+) -> None:
+    """Simulate a small night (pairs with injected transients), run it, score the result.
+
+    Everything runs on embedded defaults: a local Prefect server, SQLite and files
+    under the project home.
+    """
+    from astropy.table import Table as AstropyTable
+
+    from pipeline.demo import score_candidates, simulate_night
+
     config = get_config()
     console.rule("astr demo")
-    console.print(f"project home: {config.home}  (environment: {config.environment})")
-    config_show(as_json=False)
-    store_status(as_json=False)
-    console.print(
-        "[bold]Not yet available:[/] the observation flows (ingestion, preprocessing, "
-        "differencing, detection, validation) and the model lifecycle. This demo covers "
-        "what exists today: settings, the observation catalogue and artifact storage."
-    )
+    folder = Path(config.home) / "demo"
+    console.print(f"simulating {pairs} pairs of {size}x{size} pixels in {folder / 'night'}")
+    night = simulate_night(folder / "night", pairs=pairs, size=size)
+    items = [
+        (
+            pair.name,
+            {
+                "science_path": str(pair.science_path),
+                "reference_path": str(pair.reference_path),
+                "output_dir": str((folder / "output" / pair.name).resolve()),
+            },
+        )
+        for pair in night
+    ]
+    outcomes, ui = _run_with_progress(items, verbose=verbose)
+    _print_outcomes(outcomes, ui)
+    table = Table(title="recovered vs injected transients (passed candidates within 2 px)")
+    for column in ("pair", "injected", "S/N>=7", "found S/N>=7", "found all", "other"):
+        table.add_column(column)
+    totals = [0, 0, 0]
+    for pair, outcome in zip(night, outcomes, strict=True):
+        out = folder / "output" / pair.name
+        if outcome.state != "COMPLETED":
+            table.add_row(pair.name, "failed", "-", "-", "-", "-")
+            continue
+        truth = AstropyTable.read(pair.truth_path, format="ascii.ecsv")
+        found = AstropyTable.read(out / "candidates.ecsv", format="ascii.ecsv")
+        score = score_candidates(found, truth)
+        totals[0] += score.detectable
+        totals[1] += score.recovered_detectable
+        totals[2] += score.unmatched
+        table.add_row(
+            pair.name,
+            str(score.injected),
+            str(score.detectable),
+            f"{score.recovered_detectable} ({score.completeness:.0%})",
+            str(score.recovered),
+            str(score.unmatched),
+        )
+    console.print(table)
+    if totals[0]:
+        console.print(
+            f"night: recovered {totals[1]} of {totals[0]} transients with injected S/N >= 7 "
+            f"({totals[1] / totals[0]:.0%}); {totals[2]} other candidates passed the cuts"
+        )
+        console.print(f"reports and candidate catalogues: {folder / 'output'}/<pair>/")
+    if any(o.state != "COMPLETED" for o in outcomes):
+        raise typer.Exit(1)
+
+
+def _run_with_progress(
+    items: list[tuple[str, dict[str, Any]]], *, verbose: bool = False
+) -> tuple[list[Any], str]:
+    """Run the observations with a live progress bar each; returns outcomes and the UI URL.
+
+    Flow and notebook logs still go to the Prefect server; on the terminal only
+    warnings show unless ``verbose``.
+    """
+    import os
+
+    if not verbose:  # read when Prefect sets up logging: the API handler is unaffected
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.flows.submit import run_observations
+    from pipeline.workflow.prefect_server import ensure_server
+
+    config = get_config()
+    url, how = ensure_server(config)
+    ui = url.removesuffix("/api")
+    if how == "started":
+        console.print(f"started the local Prefect server at {ui} (stop it: astr server stop)")
+    else:
+        console.print(f"using the Prefect server at {ui}")
+    console.print(f"{len(items)} observation(s), at most {config.max_concurrent_flows} at once")
+    with Progress(
+        TextColumn("{task.description:<14}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[step]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        tasks = {name: progress.add_task(name, total=1.0, step="waiting") for name, _ in items}
+
+        def on_progress(name: str, fraction: float, step: str | None) -> None:
+            progress.update(tasks[name], completed=fraction, step=step or "done")
+
+        outcomes = run_observations(items, config=config, on_progress=on_progress)
+    return outcomes, ui
+
+
+def _print_outcomes(outcomes: list[Any], ui: str) -> None:
+    for outcome in outcomes:
+        link = f"{ui}/runs/flow-run/{outcome.flow_run_id}" if outcome.flow_run_id else "-"
+        if outcome.state == "COMPLETED" and outcome.result:
+            result = outcome.result
+            counts = result.get("metrics", {}).get("candidates", {})
+            shown = ", ".join(f"{k} {v}" for k, v in counts.items() if isinstance(v, int))
+            console.print(
+                f"[bold green]{outcome.name}[/]: observation {result['observation_id']} "
+                f"in {outcome.seconds:.1f} s ({result['metrics']['steps_cached']} of 5 steps "
+                f"cached); {shown}"
+            )
+            exported = result.get("exported", {})
+            if "candidates" in exported:
+                console.print(f"  candidates: {exported['candidates']}")
+            reports = [v for k, v in exported.items() if k.startswith("report:")]
+            if reports:
+                console.print(f"  reports:    {Path(reports[0]).parent}/<step>.html")
+            console.print(f"  Prefect:    {link}")
+        else:
+            console.print(f"[bold red]{outcome.name}[/]: {outcome.state}: {outcome.error}")
+            data = outcome.observation_data
+            if data.get("output_dir"):
+                console.print(f"  reports:    {Path(data['output_dir']) / 'reports'}")
+            console.print(f"  Prefect:    {link}")
 
 
 @server_app.command("start")

@@ -19,6 +19,7 @@ __all__ = [
     "NotebookCellError",
     "NotebookError",
     "NotebookTimeoutError",
+    "ObservationDataError",
     "ScienceError",
     "ServerError",
     "StorageError",
@@ -130,3 +131,7 @@ class FlowStepError(AstrError):
 
 class UpstreamProductError(FlowStepError):
     """A step's input product from an earlier step is missing or that step failed."""
+
+
+class ObservationDataError(AstrError, ValueError):
+    """``observation_data`` is malformed: an unknown key, a missing path, a bad value."""

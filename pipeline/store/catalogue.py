@@ -93,6 +93,7 @@ class Catalogue:
         mjd: float | None = None,
         status: ObservationStatus = ObservationStatus.REGISTERED,
         observation_id: uuid.UUID | None = None,
+        input_key: str | None = None,
     ) -> Observation:
         """Register an observation.
 
@@ -107,6 +108,8 @@ class Catalogue:
         status : ObservationStatus
         observation_id : UUID, optional
             Default: a new random UUID.
+        input_key : str, optional
+            Hash of the inputs; at most one observation has a given key.
 
         Returns
         -------
@@ -121,16 +124,59 @@ class Catalogue:
             meta=dict(metadata or {}),
             band=band,
             mjd=_finite_or_none(mjd),
+            input_key=input_key,
+            steps={},
         )
         with self.session() as session:
             session.add(observation)
             try:
                 session.flush()
             except IntegrityError:
+                what = f" or one with input key {input_key}" if input_key else ""
                 raise CatalogueError(
-                    f"observation {observation.id} already exists in the catalogue"
+                    f"observation {observation.id} already exists in the catalogue{what}"
                 ) from None
         return observation
+
+    def find_observation(self, input_key: str) -> Observation | None:
+        """The observation registered with ``input_key``, if any."""
+        with self.session() as session:
+            return session.scalars(
+                select(Observation).where(Observation.input_key == input_key)
+            ).first()
+
+    def set_step_state(
+        self,
+        observation_id: uuid.UUID | str,
+        step: str,
+        state: Mapping[str, Any],
+        *,
+        status: ObservationStatus | None = None,
+        error_message: str | None = None,
+    ) -> Observation:
+        """Record how one pipeline step of an observation went, and optionally its status.
+
+        Parameters
+        ----------
+        observation_id : UUID or str
+        step : str
+            Step name (``ingestion``, ``preprocessing``...).
+        state : mapping
+            JSON-serialisable facts (``status``, ``run_id``, ``error``...); replaces the
+            step's earlier state.
+        status : ObservationStatus, optional
+            New observation status.
+        error_message : str, optional
+            Stored with the status (cleared when None).
+        """
+        with self.session() as session:
+            observation = self._observation(session, observation_id)
+            observation.steps = {**(observation.steps or {}), step: dict(state)}
+            if status is not None:
+                observation.status = ObservationStatus(status).value
+                observation.error_message = error_message
+            observation.updated_at = utcnow()
+            return observation
 
     def get_observation(self, observation_id: uuid.UUID | str) -> Observation:
         """Return one observation; NotFoundError names the id if it is unknown."""

@@ -71,6 +71,11 @@ class Observation(Base):
     band: Mapped[str | None] = mapped_column(String(32), index=True)
     mjd: Mapped[float | None] = mapped_column(Float, index=True)
     error_message: Mapped[str | None] = mapped_column(Text)
+    # Hash of the raw inputs and overrides: the same pair submitted again is the same
+    # observation, so a rerun resumes it instead of starting a duplicate.
+    input_key: Mapped[str | None] = mapped_column(String(64), unique=True, index=True)
+    # Per pipeline step: {"status": ..., "run_id": ..., "error": ..., "finished_at": ...}
+    steps: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -230,3 +230,22 @@ def test_catalogue_reopens_with_data(tmp_path) -> None:
         oid = first.add_observation(raw_checksums={"science": SHA_A}).id
     with Catalogue(url) as second:
         assert second.get_observation(oid).raw_checksums == {"science": SHA_A}
+
+
+def test_input_key_finds_the_observation_and_is_unique(catalogue: Catalogue) -> None:
+    first = catalogue.add_observation(raw_checksums={}, input_key="k" * 64)
+    assert catalogue.find_observation("k" * 64).id == first.id
+    assert catalogue.find_observation("x" * 64) is None
+    with pytest.raises(CatalogueError, match="input key"):
+        catalogue.add_observation(raw_checksums={}, input_key="k" * 64)
+
+
+def test_step_state_is_merged_per_step(catalogue: Catalogue) -> None:
+    oid = catalogue.add_observation(raw_checksums={}).id
+    catalogue.set_step_state(oid, "ingestion", {"status": "completed"}, status="ingested")
+    catalogue.set_step_state(
+        oid, "preprocessing", {"status": "failed"}, status="failed", error_message="boom"
+    )
+    got = catalogue.get_observation(oid)
+    assert got.steps == {"ingestion": {"status": "completed"}, "preprocessing": {"status": "failed"}}
+    assert (got.status, got.error_message) == ("failed", "boom")

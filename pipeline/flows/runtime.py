@@ -1,0 +1,266 @@
+"""What the observation flows share at run time: the runner, products, progress, events.
+
+Kept apart from the flow definitions so each piece is small; everything here runs
+inside a flow or task and may talk to Prefect, the catalogue and the artifact store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import WorkflowConfig
+from pipeline.errors import CatalogueError
+from pipeline.runner import Attempt, KernelPool, NotebookRunner
+from pipeline.store import ArtifactStore, Catalogue
+from pipeline.store.models import Product
+from pipeline.store.products import save_product
+from pipeline.store.storage import sha256_file
+
+__all__ = [
+    "PipelineContext",
+    "ProgressReporter",
+    "emit",
+    "flow_run_id",
+    "get_runner",
+    "local_copy",
+    "pipeline_context",
+    "progress_hook",
+    "register_file",
+]
+
+log = logging.getLogger(__name__)
+
+_POOL: KernelPool | None = None
+_RUNNERS: dict[tuple[str, int, int], NotebookRunner] = {}
+_LOCK = threading.Lock()
+
+
+def get_runner(config: WorkflowConfig) -> NotebookRunner:
+    """The process's notebook runner for this project home (one warm kernel pool)."""
+    global _POOL
+    key = (str(Path(config.home).resolve()), config.retry_attempts, config.flow_timeout)
+    with _LOCK:
+        if _POOL is None:
+            # One spare kernel per concurrent observation, at most two: they warm while
+            # the current notebooks compute.
+            _POOL = KernelPool(min(2, max(1, config.max_concurrent_flows)))
+        runner = _RUNNERS.get(key)
+        if runner is None:
+            home = Path(config.home)
+            runner = NotebookRunner(
+                home / "runs",
+                retry_attempts=config.retry_attempts,
+                notebook_timeout=config.flow_timeout,
+                pool=_POOL,
+                cache_dir=home / "cache" / "notebooks",
+            )
+            _RUNNERS[key] = runner
+        return runner
+
+
+def flow_run_id() -> str | None:
+    """Id of the Prefect flow run this code runs in, if any."""
+    from prefect.runtime import flow_run
+
+    value = flow_run.id
+    return str(value) if value else None
+
+
+@dataclass
+class PipelineContext:
+    """State a pipeline flow hands to the step flows it runs."""
+
+    run_id: str | None
+    observation_id: uuid.UUID | None = None
+    force: bool = False
+    reporter: ProgressReporter | None = None
+    step_index: int = 0
+    steps: int = 5
+    reports: dict[str, str] = field(default_factory=dict)
+
+
+_PIPELINE: contextvars.ContextVar[PipelineContext | None] = contextvars.ContextVar(
+    "astr_pipeline", default=None
+)
+
+
+def pipeline_context() -> PipelineContext | None:
+    """The enclosing pipeline flow's context, when a step runs inside one."""
+    return _PIPELINE.get()
+
+
+@contextlib.contextmanager
+def in_pipeline(context: PipelineContext) -> Iterator[PipelineContext]:
+    """Make ``context`` visible to the step flows run in this block."""
+    token = _PIPELINE.set(context)
+    try:
+        yield context
+    finally:
+        _PIPELINE.reset(token)
+
+
+#: Set by a caller (the CLI) to watch a pipeline's progress in this process.
+progress_hook: contextvars.ContextVar[Callable[[float, str | None], None] | None] = (
+    contextvars.ContextVar("astr_progress_hook", default=None)
+)
+
+
+class ProgressReporter:
+    """Progress of one flow run: the catalogue record and a Prefect progress artifact.
+
+    Updates are throttled (a notebook cell can be very short); the last one always goes.
+    ``hook``, if given, sees every update unthrottled.
+    """
+
+    def __init__(
+        self,
+        catalogue: Catalogue,
+        run_id: str | None,
+        *,
+        key: str,
+        interval: float = 0.5,
+        hook: Callable[[float, str | None], None] | None = None,
+    ) -> None:
+        self.hook = hook
+        self.catalogue = catalogue
+        self.run_id = run_id
+        self.interval = interval
+        self._last = 0.0
+        self._artifact: uuid.UUID | None = None
+        self._key = key
+        self.progress = 0.0
+        self.current_step: str | None = None
+
+    def update(self, progress: float, current_step: str | None, *, force: bool = False) -> None:
+        """Record ``progress`` (0-1) and the step now running."""
+        self.progress = min(max(progress, 0.0), 1.0)
+        self.current_step = current_step
+        if self.hook is not None:
+            with contextlib.suppress(Exception):
+                self.hook(self.progress, current_step)
+        now = time.monotonic()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        if self.run_id is not None:
+            with contextlib.suppress(CatalogueError):
+                self.catalogue.update_flow_run(
+                    self.run_id, progress=self.progress, current_step=current_step
+                )
+        self._publish(current_step)
+
+    def _publish(self, current_step: str | None) -> None:
+        from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+        percent = round(100.0 * self.progress, 1)
+        description = f"now: {current_step}" if current_step else None
+        try:
+            if self._artifact is None:
+                self._artifact = create_progress_artifact(
+                    percent, key=self._key, description=description
+                )
+            else:
+                update_progress_artifact(self._artifact, percent, description=description)
+        except Exception as exc:  # progress display must never fail a run
+            log.debug("progress artifact not updated: %s", exc)
+
+
+def emit(event: str, observation_id: uuid.UUID | str, payload: Mapping[str, Any]) -> None:
+    """Emit a Prefect event about an observation (``astr.observation.<step>.<what>``)."""
+    from prefect.events import emit_event
+
+    try:
+        emit_event(
+            event=event,
+            resource={
+                "prefect.resource.id": f"astr.observation.{observation_id}",
+                "prefect.resource.name": f"observation {observation_id}",
+            },
+            payload=dict(payload),
+        )
+    except Exception as exc:  # an event lost must not fail the step
+        log.warning("could not emit event %s: %s", event, exc)
+
+
+def register_file(
+    catalogue: Catalogue,
+    store: ArtifactStore,
+    observation_id: uuid.UUID | str,
+    *,
+    kind: str,
+    key: str,
+    path: Path,
+    step: str,
+    run_id: str | None,
+    metadata: Mapping[str, Any] | None = None,
+) -> Product:
+    """Store a file as a product, once: a product already recorded at ``key`` is reused.
+
+    Idempotent, so a step whose result came from the cache, or a rerun after a crash
+    between storing and recording, neither duplicates nor loses a product.
+    """
+    uri = store.uri(key)
+    for product in catalogue.products(observation_id, kind=kind):
+        if product.uri == uri:
+            return product
+    if store.exists(key):  # stored, then the run died before recording it
+        digest = store.checksum(key)
+        if digest == sha256_file(path):
+            return catalogue.add_product(
+                observation_id,
+                kind=kind,
+                uri=uri,
+                sha256=digest,
+                size_bytes=path.stat().st_size,
+                step=step,
+                run_id=run_id,
+                metadata=metadata,
+            )
+        store.delete(key)
+    return save_product(
+        catalogue,
+        store,
+        observation_id,
+        kind=kind,
+        key=key,
+        source=path,
+        step=step,
+        run_id=run_id,
+        metadata=metadata,
+    )
+
+
+def local_copy(store: ArtifactStore, product: Product, scratch: Path) -> Path:
+    """A local path holding a product's bytes (the object itself on a local store)."""
+    key = store.key_of(product.uri)
+    if store.is_local:
+        return store.local_path(key)
+    target = scratch / product.sha256[:16] / Path(key).name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(target.suffix + ".part")
+        with store.open(key, "rb") as source, open(tmp, "wb") as sink:
+            while chunk := source.read(1 << 20):
+                sink.write(chunk)
+        tmp.replace(target)
+    return target
+
+
+def attempt_dicts(attempts: tuple[Any, ...]) -> list[dict[str, Any]]:
+    """JSON form of runner attempts (anything else is skipped)."""
+    return [a.to_dict() for a in attempts if isinstance(a, Attempt)]
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now."""
+    return datetime.now(UTC)
