@@ -156,6 +156,27 @@ def observe(
         raise typer.Exit(1)
 
 
+@app.command("worker")
+def worker(
+    limit: Annotated[
+        int | None,
+        typer.Option(help="Most flow runs at once (default: max_concurrent_flows)."),
+    ] = None,
+) -> None:
+    """Serve the pipeline's flows as Prefect deployments and run what is submitted to them.
+
+    Flows started from the Prefect UI or API run here, each in its own process, so a
+    cancel from Prefect stops the run and its notebook kernel.
+    """
+    from pipeline.workflow.deployments import serve_flows
+    from pipeline.workflow.prefect_server import ensure_server
+
+    config = get_config()
+    url, how = ensure_server(config)
+    console.print(f"worker for the Prefect server at {url} ({how})")
+    serve_flows(limit=limit or config.max_concurrent_flows)
+
+
 @app.command("demo")
 def demo(
     pairs: Annotated[int, typer.Option(min=1, max=12, help="Pairs in the simulated night.")] = 3,

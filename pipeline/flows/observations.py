@@ -17,12 +17,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Cancelled
 
 from pipeline.config import WorkflowConfig, get_config
 from pipeline.errors import (
     CatalogueError,
     FlowStepError,
     ImageNotFoundError,
+    NotebookCancelledError,
     NotFoundError,
     ObservationDataError,
     UpstreamProductError,
@@ -57,6 +59,7 @@ from pipeline.store import ArtifactStore, Catalogue
 from pipeline.store.models import Observation
 from pipeline.store.storage import sha256_file
 from pipeline.types import FlowState, FlowType, ObservationStatus
+from pipeline.workflow.cancellation import CancelWatcher
 from pipeline.workflow.concurrency import observation_slot
 
 __all__ = [
@@ -116,16 +119,19 @@ def run_notebook(
                 (attempt.error or "").splitlines()[0] if attempt.error else "",
             )
 
+    watched = [flow_run_id(), context.run_id if context is not None else None]
     try:
-        return get_runner(config).run(
-            notebooks_dir() / step.notebook,
-            parameters,
-            inputs={name: Path(path) for name, path in inputs.items()},
-            force=force,
-            on_text=on_text,
-            on_progress=on_progress,
-            on_attempt=on_attempt,
-        )
+        with CancelWatcher(watched) as watcher:
+            return get_runner(config).run(
+                notebooks_dir() / step.notebook,
+                parameters,
+                inputs={name: Path(path) for name, path in inputs.items()},
+                force=force,
+                cancel_event=watcher.event,
+                on_text=on_text,
+                on_progress=on_progress,
+                on_attempt=on_attempt,
+            )
     finally:
         catalogue.close()
 
@@ -218,6 +224,8 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
             _finish_run(catalogue, run_id, exc, {})
             if request.output_dir is not None and context.observation_id is not None:
                 _export(config, catalogue, context.observation_id, request.output_dir)
+            if _is_cancel(exc):
+                return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
             raise
         summary = _pipeline_summary(context.observation_id, results)
         if request.output_dir is not None:
@@ -265,6 +273,8 @@ def _ingest(observation_data: dict) -> dict:
                 observation_id,
                 {"error": str(exc)[:2000], "inputs": _as_str(raw)},
             )
+            if _is_cancel(exc):
+                return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
             raise
         created = existing is None
         if created:
@@ -363,6 +373,8 @@ def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
         except BaseException as exc:
             _step_failed(catalogue, store, observation_id, step, run_id, exc)
             _finish_run(catalogue, run_id, exc, {})
+            if _is_cancel(exc):
+                return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
             raise
         return _record_success(catalogue, store, observation_id, step, result, run_id)
 
@@ -557,7 +569,7 @@ def _step_failed(
         except Exception as store_error:  # keep the original failure in front
             reports = [{"error": f"reports not stored: {store_error}"}]
     message = f"{step.name}: {_first_line(str(exc)) or type(exc).__name__}"
-    cancelled = not isinstance(exc, Exception) or type(exc).__name__ == "NotebookCancelledError"
+    cancelled = _is_cancel(exc) or not isinstance(exc, Exception)
     state = {
         "status": "cancelled" if cancelled else "failed",
         "run_id": run_id,
@@ -677,7 +689,7 @@ def _finish_run(
     changes: dict[str, Any] = {"ended_at": utcnow(), "metrics": _jsonable(metrics)}
     if error is None:
         changes.update(status=FlowState.COMPLETED, progress=1.0, current_step=None)
-    elif isinstance(error, Exception) and type(error).__name__ != "NotebookCancelledError":
+    elif isinstance(error, Exception) and not _is_cancel(error):
         changes.update(status=FlowState.FAILED, error_message=str(error)[:4000])
     else:
         changes.update(status=FlowState.CANCELLED, error_message=str(error)[:4000] or "cancelled")
@@ -687,6 +699,13 @@ def _finish_run(
         changes["attempts"] = attempts
     with contextlib.suppress(CatalogueError):
         catalogue.update_flow_run(run_id, **changes)
+
+
+def _is_cancel(exc: BaseException) -> bool:
+    """Whether a failure is a cancellation (of this run, or of a subflow it ran)."""
+    from prefect.exceptions import CancelledRun, TerminationSignal
+
+    return isinstance(exc, NotebookCancelledError | CancelledRun | TerminationSignal)
 
 
 def _parent_run_id() -> str | None:

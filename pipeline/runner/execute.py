@@ -195,6 +195,7 @@ def execute_attempt(
                 return
             finished.wait(0.05)
 
+    kernel.busy = True
     guard = threading.Thread(target=watchdog, name="astr-notebook-watchdog", daemon=True)
     guard.start()
     outcome: AttemptOutcome

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_WARMUP",
     "Kernel",
     "KernelPool",
+    "busy_kernel_pids",
     "kill_all",
     "live_kernel_pids",
     "start_kernel",
@@ -88,6 +89,7 @@ class Kernel:
     runtime_dir: Path
     started_at: float = field(default_factory=time.monotonic)
     warm_seconds: float = 0.0
+    busy: bool = False
     _killed: bool = False
 
     def is_alive(self) -> bool:
@@ -340,6 +342,12 @@ def live_kernel_pids() -> list[int]:
     """Pids of the kernels this process started and has not killed."""
     with _LIVE_LOCK:
         return [pid for pid, kernel in _LIVE.items() if _pid_alive(pid)]
+
+
+def busy_kernel_pids() -> list[int]:
+    """Pids of this process's kernels that are running a notebook now."""
+    with _LIVE_LOCK:
+        return [pid for pid, kernel in _LIVE.items() if kernel.busy and _pid_alive(pid)]
 
 
 def kill_all() -> None:

@@ -42,6 +42,8 @@ from pipeline.store.storage import sha256_file
 __all__ = ["Attempt", "NotebookResult", "NotebookRunner", "backoff_delay"]
 
 OUTPUTS_FILE = "outputs.json"
+#: After a kernel dies, how long to wait for a cancel request that explains it (seconds).
+CANCEL_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,15 @@ class NotebookRunner:
                 outcome_status, message = outcome.status, outcome.message
                 retryable, kseconds = outcome.retryable, outcome.kernel_seconds
                 nb = outcome.notebook
+                if (
+                    outcome_status == "kernel_died"
+                    and cancel_event is not None
+                    and cancel_event.wait(CANCEL_GRACE)
+                ):
+                    # The kernel went down because the run is being cancelled
+                    # (the orchestrator may stop it before we hear of the cancel).
+                    outcome_status, retryable = "cancelled", False
+                    message = "the run was cancelled and its kernel stopped"
             outputs: dict[str, Any] | None = None
             if outcome_status == "completed":
                 outputs, message = _read_outputs(output_dir)

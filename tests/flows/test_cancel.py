@@ -1,0 +1,147 @@
+"""Cancel a flow run through Prefect while its notebook runs in a worker process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import get_config
+from pipeline.errors import NotFoundError
+from pipeline.store import Catalogue
+from pipeline.workflow.deployments import deployment_path
+
+pytestmark = pytest.mark.integration
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "decam"
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process we can see."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if fields[0] == "Z":
+            continue
+        found[int(entry.name)] = (int(fields[1]), cmdline)
+    return found
+
+
+def _kernels_under(root: int) -> set[int]:
+    procs = _processes()
+    kernels = set()
+    for pid, (_, cmdline) in procs.items():
+        if "ipykernel" not in cmdline:
+            continue
+        parent = pid
+        while parent in procs and parent != root and parent > 1:
+            parent = procs[parent][0]
+        if parent == root:
+            kernels.add(pid)
+    return kernels
+
+
+def _alive(pid: int) -> bool:
+    return pid in _processes()
+
+
+def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
+    prefect_server_url, tmp_path
+):
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    with open(tmp_path / "worker.log", "w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.cli import main; main()", "worker"],
+            env={**os.environ, "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    client.read_deployment_by_name(deployment_path("observation_pipeline"))
+                    break
+                except Exception:
+                    assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+                    assert time.monotonic() < deadline, "worker did not serve its deployments"
+                    time.sleep(0.5)
+        run = run_deployment(
+            deployment_path("observation_pipeline"),
+            parameters={
+                "observation_data": {
+                    "science_path": str(DATA / "DEC-OBS04a.mini.fits"),
+                    "reference_path": str(DATA / "Stack-DEC-OBS18.fits"),
+                }
+            },
+            timeout=0,
+        )
+        # wait until a notebook is computing (past ingestion), then cancel
+        kernels: set[int] = set()
+        deadline = time.monotonic() + 180
+        with Catalogue.from_config(get_config()) as catalogue:
+            while True:
+                assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+                try:
+                    record = catalogue.get_flow_run(run.id)
+                except NotFoundError:
+                    record = None
+                step = (record.current_step or "") if record else ""
+                kernels = _kernels_under(worker.pid)
+                if kernels and step.startswith(("preprocessing: cell", "differencing: cell")):
+                    break
+                time.sleep(0.05)
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
+            cancelled_at = time.monotonic()
+            while any(_alive(pid) for pid in kernels) and time.monotonic() - cancelled_at < 5:
+                time.sleep(0.05)
+            print(
+                "KERNELS GONE AFTER",
+                time.monotonic() - cancelled_at,
+                kernels,
+                (tmp_path / "worker.log").read_text()[-3000:],
+            )
+            assert not any(_alive(pid) for pid in kernels), "a kernel outlived the cancel by 5 s"
+            assert not _kernels_under(worker.pid)
+            deadline = time.monotonic() + 60
+            while not client.read_flow_run(run.id).state.is_cancelled():
+                assert time.monotonic() < deadline, client.read_flow_run(run.id).state
+                time.sleep(0.2)
+        with Catalogue.from_config(get_config()) as catalogue:
+            assert catalogue.get_flow_run(run.id).status == "CANCELLED"
+            observation = catalogue.list_observations()[0]
+            cancelled = [s for s, v in observation.steps.items() if v["status"] == "cancelled"]
+            assert len(cancelled) == 1
+            reports = [
+                p
+                for p in catalogue.products(observation.id, kind="report", step=cancelled[0])
+                if p.meta["status"] == "cancelled"
+            ]
+            assert reports
+            html = Path(reports[0].uri.removeprefix("file://"))
+            assert "CANCELLED" in html.read_text()
+    finally:
+        os.killpg(worker.pid, signal.SIGTERM)
+        try:
+            worker.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
