@@ -240,3 +240,66 @@ def test_twelve_observations_never_more_than_two_running(prefect_server_url, mon
     assert peak == 2  # the limit was used and never exceeded
     assert len({o.result["observation_id"] for o in outcomes}) == 12
     assert np.all([o.result["metrics"]["steps_cached"] == 0 for o in outcomes])
+
+
+def test_flow_status_maps_prefect_runs(prefect_server_url, tmp_path):
+    from pipeline.workflow.status import get_flow_status, map_state
+
+    state = observation_ingestion_flow(_pair(mjd=60003.5), return_state=True)
+    failed = observation_ingestion_flow({"science_path": "/nope.fits"}, return_state=True)
+    with Catalogue.from_config(get_config()) as catalogue:
+        done = get_flow_status(_run_id(state), catalogue)
+        bad = get_flow_status(_run_id(failed), catalogue)
+        with pytest.raises(Exception, match="no flow run"):
+            get_flow_status(uuid.uuid4(), catalogue)
+    assert done.status is FlowState.COMPLETED and done.progress == 1.0
+    assert done.flow_type is FlowType.OBSERVATION_INGESTION
+    assert done.start_time is not None and done.end_time >= done.start_time
+    assert done.metrics["attempts"] == 1 and "durations" in done.metrics
+    assert bad.status is FlowState.FAILED and "reference_path" in bad.error_message
+    assert map_state("CRASHED") is FlowState.FAILED
+    assert map_state("CANCELLING") is FlowState.RUNNING
+    assert map_state("SCHEDULED") is FlowState.PENDING
+
+
+def test_astr_observe_writes_catalogue_and_reports(prefect_server_url, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    out = tmp_path / "night"
+    result = CliRunner().invoke(
+        app,
+        [
+            "observe",
+            "--science",
+            str(SCIENCE),
+            "--reference",
+            str(REFERENCE),
+            "--output",
+            str(out),
+            "--band",
+            "i",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "observation" in result.output and "/runs/flow-run/" in result.output
+    assert (out / "candidates.ecsv").exists()
+    assert sorted(p.name for p in (out / "reports").iterdir()) == [
+        "detection.html",
+        "differencing.html",
+        "ingestion.html",
+        "preprocessing.html",
+        "validation.html",
+    ]
+    manifest = tmp_path / "night.csv"
+    manifest.write_text(
+        "name,science_path,reference_path,mjd\n"
+        f"a,{SCIENCE},{REFERENCE},60010.5\n"
+        f"b,{SCIENCE},nope.fits,60011.5\n"
+    )
+    result = CliRunner().invoke(app, ["observe", "--manifest", str(manifest), "--output", str(out)])
+    assert result.exit_code == 1, result.output
+    assert (out / "a" / "candidates.ecsv").exists()
+    text = " ".join(result.output.split())  # the console wraps long lines
+    assert "b: FAILED" in text and "does not exist" in text
