@@ -35,6 +35,7 @@ from pipeline.flows.runtime import (
     attempt_dicts,
     emit,
     flow_run_id,
+    get_catalogue,
     get_runner,
     in_pipeline,
     local_copy,
@@ -93,7 +94,7 @@ def run_notebook(
     step = STEPS[step_name]
     logger = get_run_logger()
     context = pipeline_context()
-    catalogue = Catalogue.from_config(config)
+    catalogue = get_catalogue(config)
     reporter = ProgressReporter(catalogue, flow_run_id(), key=f"progress-{step.name}")
 
     def on_text(cell: int, text: str) -> None:
@@ -133,7 +134,7 @@ def run_notebook(
                 on_attempt=on_attempt,
             )
     finally:
-        catalogue.close()
+        reporter.update(reporter.progress, reporter.current_step, force=True)
 
 
 # -- the flows -----------------------------------------------------------------------
@@ -195,7 +196,8 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     request = parse_observation_data(observation_data)
     run_id = flow_run_id()
     logger = get_run_logger()
-    with Catalogue.from_config(config) as catalogue, observation_slot(config.max_concurrent_flows):
+    with observation_slot(config.max_concurrent_flows):
+        catalogue = get_catalogue(config)
         _record_run(catalogue, run_id, FlowType.OBSERVATION_PIPELINE, observation_data, None)
         reporter = ProgressReporter(
             catalogue, run_id, key="progress-pipeline", hook=progress_hook.get()
@@ -254,58 +256,58 @@ def _ingest(observation_data: dict) -> dict:
     checksums = {kind: sha256_file(path) for kind, path in raw.items()}
     key = input_key(checksums, request)
     store = ArtifactStore(config.storage_config)
-    with Catalogue.from_config(config) as catalogue:
-        existing = _existing_observation(catalogue, request, key)
-        observation_id = existing.id if existing is not None else uuid.uuid4()
-        run_id = flow_run_id()
-        parent = _parent_run_id()
-        _record_run(catalogue, run_id, step.flow_type, observation_data, None, parent)
-        metadata = request.metadata()
-        params = notebook_parameters(step, raw, observation_id=observation_id, metadata=metadata)
-        try:
-            result = run_notebook(step.name, params, _as_str(raw), force=_force(request))
-        except BaseException as exc:
-            if existing is not None:
-                _step_failed(catalogue, store, existing.id, step, run_id, exc)
-            _finish_run(catalogue, run_id, exc, {})
-            emit(
-                f"astr.observation.{step.name}.failed",
+    catalogue = get_catalogue(config)
+    existing = _existing_observation(catalogue, request, key)
+    observation_id = existing.id if existing is not None else uuid.uuid4()
+    run_id = flow_run_id()
+    parent = _parent_run_id()
+    _record_run(catalogue, run_id, step.flow_type, observation_data, None, parent)
+    metadata = request.metadata()
+    params = notebook_parameters(step, raw, observation_id=observation_id, metadata=metadata)
+    try:
+        result = run_notebook(step.name, params, _as_str(raw), force=_force(request))
+    except BaseException as exc:
+        if existing is not None:
+            _step_failed(catalogue, store, existing.id, step, run_id, exc)
+        _finish_run(catalogue, run_id, exc, {})
+        emit(
+            f"astr.observation.{step.name}.failed",
+            observation_id,
+            {"error": str(exc)[:2000], "inputs": _as_str(raw)},
+        )
+        if _is_cancel(exc):
+            return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
+        raise
+    created = existing is None
+    if created:
+        facts = result.outputs.get("science", {})
+        catalogue.add_observation(
+            raw_checksums={k.removeprefix("raw_"): v for k, v in checksums.items()},
+            metadata=metadata,
+            band=facts.get("band"),
+            mjd=facts.get("mjd"),
+            observation_id=observation_id,
+            input_key=key,
+        )
+    try:
+        for kind, path in raw.items():
+            register_file(
+                catalogue,
+                store,
                 observation_id,
-                {"error": str(exc)[:2000], "inputs": _as_str(raw)},
+                kind=kind,
+                key=f"observations/{observation_id}/raw/{kind}{''.join(path.suffixes)}",
+                path=path,
+                step=step.name,
+                run_id=run_id,
+                metadata={"original_path": str(path)},
             )
-            if _is_cancel(exc):
-                return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
-            raise
-        created = existing is None
-        if created:
-            facts = result.outputs.get("science", {})
-            catalogue.add_observation(
-                raw_checksums={k.removeprefix("raw_"): v for k, v in checksums.items()},
-                metadata=metadata,
-                band=facts.get("band"),
-                mjd=facts.get("mjd"),
-                observation_id=observation_id,
-                input_key=key,
-            )
-        try:
-            for kind, path in raw.items():
-                register_file(
-                    catalogue,
-                    store,
-                    observation_id,
-                    kind=kind,
-                    key=f"observations/{observation_id}/raw/{kind}{''.join(path.suffixes)}",
-                    path=path,
-                    step=step.name,
-                    run_id=run_id,
-                    metadata={"original_path": str(path)},
-                )
-            summary = _record_success(catalogue, store, observation_id, step, result, run_id)
-        except BaseException:
-            if created:  # no half-registered observation
-                _forget(catalogue, store, observation_id)
-            raise
-        return summary
+        summary = _record_success(catalogue, store, observation_id, step, result, run_id)
+    except BaseException:
+        if created:  # no half-registered observation
+            _forget(catalogue, store, observation_id)
+        raise
+    return summary
 
 
 def _existing_observation(
@@ -345,38 +347,38 @@ def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
         observation_id = uuid.UUID(str(observation_id))
     except ValueError:
         raise ObservationDataError(f"observation_id is not a UUID: {observation_id!r}") from None
-    with Catalogue.from_config(config) as catalogue:
-        run_id = flow_run_id()
-        _record_run(
-            catalogue,
-            run_id,
-            step.flow_type,
-            {"observation_id": str(observation_id)},
-            None,
-            _parent_run_id(),
+    catalogue = get_catalogue(config)
+    run_id = flow_run_id()
+    _record_run(
+        catalogue,
+        run_id,
+        step.flow_type,
+        {"observation_id": str(observation_id)},
+        None,
+        _parent_run_id(),
+    )
+    try:
+        observation = catalogue.get_observation(observation_id)
+        _record_run_observation(catalogue, run_id, observation_id)
+        inputs = _upstream_inputs(config, catalogue, store, observation, step)
+        params = notebook_parameters(
+            step, inputs, observation_id=observation_id, metadata=observation.meta
         )
-        try:
-            observation = catalogue.get_observation(observation_id)
-            _record_run_observation(catalogue, run_id, observation_id)
-            inputs = _upstream_inputs(config, catalogue, store, observation, step)
-            params = notebook_parameters(
-                step, inputs, observation_id=observation_id, metadata=observation.meta
-            )
-        except (NotFoundError, UpstreamProductError) as exc:
-            _finish_run(catalogue, run_id, exc, {})
-            emit(f"astr.observation.{step.name}.failed", observation_id, {"error": str(exc)})
-            raise
-        context = pipeline_context()
-        force = bool(context and context.force)
-        try:
-            result = run_notebook(step.name, params, _as_str(inputs), force=force)
-        except BaseException as exc:
-            _step_failed(catalogue, store, observation_id, step, run_id, exc)
-            _finish_run(catalogue, run_id, exc, {})
-            if _is_cancel(exc):
-                return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
-            raise
-        return _record_success(catalogue, store, observation_id, step, result, run_id)
+    except (NotFoundError, UpstreamProductError) as exc:
+        _finish_run(catalogue, run_id, exc, {})
+        emit(f"astr.observation.{step.name}.failed", observation_id, {"error": str(exc)})
+        raise
+    context = pipeline_context()
+    force = bool(context and context.force)
+    try:
+        result = run_notebook(step.name, params, _as_str(inputs), force=force)
+    except BaseException as exc:
+        _step_failed(catalogue, store, observation_id, step, run_id, exc)
+        _finish_run(catalogue, run_id, exc, {})
+        if _is_cancel(exc):
+            return Cancelled(message=f"cancelled: {_first_line(str(exc))}")
+        raise
+    return _record_success(catalogue, store, observation_id, step, result, run_id)
 
 
 def _upstream_inputs(

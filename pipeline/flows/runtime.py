@@ -31,6 +31,7 @@ __all__ = [
     "ProgressReporter",
     "emit",
     "flow_run_id",
+    "get_catalogue",
     "get_runner",
     "local_copy",
     "pipeline_context",
@@ -45,15 +46,28 @@ _RUNNERS: dict[tuple[str, int, int], NotebookRunner] = {}
 _LOCK = threading.Lock()
 
 
+_CATALOGUES: dict[str, Catalogue] = {}
+
+
+def get_catalogue(config: WorkflowConfig) -> Catalogue:
+    """The process's catalogue connection for this database (schema checked once)."""
+    with _LOCK:
+        catalogue = _CATALOGUES.get(config.database_url)
+        if catalogue is None:
+            catalogue = Catalogue.from_config(config)
+            _CATALOGUES[config.database_url] = catalogue
+        return catalogue
+
+
 def get_runner(config: WorkflowConfig) -> NotebookRunner:
     """The process's notebook runner for this project home (one warm kernel pool)."""
     global _POOL
     key = (str(Path(config.home).resolve()), config.retry_attempts, config.flow_timeout)
     with _LOCK:
         if _POOL is None:
-            # One spare kernel per concurrent observation, at most two: they warm while
-            # the current notebooks compute.
-            _POOL = KernelPool(min(2, max(1, config.max_concurrent_flows)))
+            # One spare kernel: it warms while the current notebook computes. More would
+            # compete for the cores with the notebooks; a burst falls back to cold starts.
+            _POOL = KernelPool(1)
         runner = _RUNNERS.get(key)
         if runner is None:
             home = Path(config.home)
@@ -118,7 +132,9 @@ progress_hook: contextvars.ContextVar[Callable[[float, str | None], None] | None
 class ProgressReporter:
     """Progress of one flow run: the catalogue record and a Prefect progress artifact.
 
-    Updates are throttled (a notebook cell can be very short); the last one always goes.
+    Updates are throttled (a notebook cell can be very short): the catalogue record at
+    most every ``interval`` seconds, the Prefect artifact every ``publish_interval``;
+    a forced update always goes.
     ``hook``, if given, sees every update unthrottled.
     """
 
@@ -129,9 +145,12 @@ class ProgressReporter:
         *,
         key: str,
         interval: float = 0.5,
+        publish_interval: float = 3.0,
         hook: Callable[[float, str | None], None] | None = None,
     ) -> None:
         self.hook = hook
+        self.publish_interval = publish_interval
+        self._published = 0.0
         self.catalogue = catalogue
         self.run_id = run_id
         self.interval = interval
@@ -157,7 +176,10 @@ class ProgressReporter:
                 self.catalogue.update_flow_run(
                     self.run_id, progress=self.progress, current_step=current_step
                 )
-        self._publish(current_step)
+        # The Prefect artifact is for people watching the UI: fewer API calls.
+        if force or self._artifact is None or now - self._published >= self.publish_interval:
+            self._published = now
+            self._publish(current_step)
 
     def _publish(self, current_step: str | None) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact

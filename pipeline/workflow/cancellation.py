@@ -33,7 +33,7 @@ class CancelWatcher:
         Seconds between polls.
     """
 
-    def __init__(self, run_ids: Iterable[str | None], interval: float = 0.25) -> None:
+    def __init__(self, run_ids: Iterable[str | None], interval: float = 1.0) -> None:
         self.run_ids = [uuid.UUID(str(r)) for r in run_ids if r]
         self.interval = interval
         self.event = threading.Event()
