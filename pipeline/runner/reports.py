@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -11,6 +12,7 @@ from typing import Any
 
 import nbformat
 from nbconvert import HTMLExporter
+from nbconvert.filters.strings import clean_html
 
 __all__ = ["ATTEMPT_STATUSES", "mark_notebook", "strip_ansi", "write_report"]
 
@@ -78,8 +80,31 @@ def _render_html(nb: nbformat.NotebookNode) -> str:
     with _exporter_lock:
         if _exporter is None:
             _exporter = HTMLExporter()
+            _exporter.register_filter("clean_html", _clean_html)
         body, _resources = _exporter.from_notebook_node(nb)
     return body
+
+
+#: Longest HTML (characters) whose sanitised form is remembered: code cells, small outputs.
+_CLEAN_CACHE_CHARS = 32_768
+
+
+def _clean_html(element: str | bytes) -> str:
+    """The ``clean_html`` filter of nbconvert, remembered for short inputs; the same result.
+
+    The report template sanitises every highlighted code cell with bleach, about half of
+    the rendering time; a notebook's cells are the same on every run, so each is cleaned
+    once per process. Long HTML (tables, figures as SVG) is cleaned every time.
+    """
+    text = element.decode() if isinstance(element, bytes) else str(element)
+    if len(text) > _CLEAN_CACHE_CHARS:
+        return clean_html(text)
+    return _clean_html_cached(text)
+
+
+@functools.lru_cache(maxsize=512)
+def _clean_html_cached(text: str) -> str:
+    return clean_html(text)
 
 
 def _atomic_write(path: Path, text: str) -> None:
