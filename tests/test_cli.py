@@ -27,7 +27,7 @@ def _astr(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 def test_help_lists_the_commands() -> None:
     result = _astr("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("config", "store", "demo"):
+    for command in ("config", "store", "server", "observe", "worker", "demo"):
         assert command in result.stdout
 
 
@@ -70,19 +70,32 @@ def test_store_init_and_status(tmp_path: Path) -> None:
     assert data["storage_check"].startswith("ok")
 
 
-def test_demo_runs_on_embedded_defaults(tmp_path: Path) -> None:
+@pytest.mark.integration
+def test_demo_runs_a_simulated_night(tmp_path: Path, prefect_server_url: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASTR_")}
+    env["ASTR_PREFECT_SERVER_URL"] = prefect_server_url  # the session's server, not :4200
     result = subprocess.run(
-        [shutil.which("astr", path=str(Path(sys.executable).parent)) or "astr", "demo"],
+        [
+            shutil.which("astr", path=str(Path(sys.executable).parent)) or "astr",
+            "demo",
+            "--pairs",
+            "1",
+            "--size",
+            "512",
+        ],
         capture_output=True,
         text=True,
         env=env,
         cwd=tmp_path,
-        timeout=120,
+        timeout=600,
     )
-    assert result.returncode == 0, result.stderr
-    assert (tmp_path / ".astr" / "catalogue.db").is_file()
-    assert "Not yet available" in result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = " ".join(result.stdout.split())
+    assert "night: recovered" in out and "transients with injected S/N >= 7" in out
+    assert (tmp_path / ".astr" / "demo" / "output" / "pair-01" / "candidates.ecsv").is_file()
+    assert (
+        tmp_path / ".astr" / "demo" / "output" / "pair-01" / "reports" / "validation.html"
+    ).is_file()
 
 
 @pytest.mark.parametrize("args", [["config"], ["store"]])
