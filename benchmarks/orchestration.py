@@ -68,6 +68,15 @@ def main(argv: list[str] | None = None) -> int:
             step_wall = sum(steps[s]["durations"]["wall"] for s in STEPS)
             rows.append((run, wall, kernel, step_wall))
             label = "warm-up" if run == 0 else f"run {run}"
+            if run == args.runs:
+                print("  step            wall  kernel  k.wait  report  rest (seconds, last run)")
+                for name in STEPS:
+                    d = steps[name]["durations"]
+                    rest = d["wall"] - d["kernel"] - d.get("kernel_wait", 0) - d.get("report", 0)
+                    print(
+                        f"  {name:<14}{d['wall']:6.2f}  {d['kernel']:6.2f}  "
+                        f"{d.get('kernel_wait', 0):6.2f}  {d.get('report', 0):6.2f}  {rest:5.2f}"
+                    )
             print(
                 f"{label:>8}: wall {wall:6.2f} s  in kernels {kernel:6.2f} s  "
                 f"runner total {step_wall:6.2f} s  outside {1 - kernel / wall:6.1%}"
@@ -83,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "PASS" if fraction < TARGET else "FAIL"
         print(f"target < {TARGET:.0%}: {verdict}")
     finally:
+        from prefect.logging.handlers import APILogWorker
+
+        APILogWorker.drain_all(timeout=10)  # send the last logs before the server goes
         server.stop_server()
     return 0
 

@@ -42,6 +42,7 @@ from pipeline.flows.runtime import (
     pipeline_context,
     progress_hook,
     register_file,
+    subflows_without_heartbeats,
     utcnow,
 )
 from pipeline.flows.steps import (
@@ -205,7 +206,7 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
         context = PipelineContext(run_id=run_id, force=request.force, reporter=reporter)
         results: dict[str, dict] = {}
         try:
-            with in_pipeline(context):
+            with in_pipeline(context), subflows_without_heartbeats():
                 for index, name in enumerate(STEP_ORDER):
                     context.step_index = index
                     reporter.update(index / len(STEP_ORDER), name, force=True)
