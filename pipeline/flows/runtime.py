@@ -66,9 +66,10 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
     key = (str(Path(config.home).resolve()), config.retry_attempts, config.flow_timeout)
     with _LOCK:
         if _POOL is None:
-            # One spare kernel: it warms while the current notebook computes. More would
+            # Two spare kernels: a short notebook (ingestion, detection) ends before one
+            # kernel could be warmed behind it, so the next step would wait. More would
             # compete for the cores with the notebooks; a burst falls back to cold starts.
-            _POOL = KernelPool(1)
+            _POOL = KernelPool(2)
         runner = _RUNNERS.get(key)
         if runner is None:
             home = Path(config.home)

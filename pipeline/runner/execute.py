@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from queue import Empty
 from typing import Any
 
 import nbformat
@@ -24,7 +23,7 @@ from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
 from nbclient.util import run_hook
 
-from pipeline.runner.kernels import Kernel, close_client, open_client
+from pipeline.runner.kernels import Kernel, close_client, open_client, wait_until_connected
 from pipeline.runner.reports import strip_ansi
 
 __all__ = [
@@ -32,7 +31,6 @@ __all__ = [
     "AttemptOutcome",
     "execute_attempt",
     "kernel_seconds",
-    "wait_until_connected",
 ]
 
 #: Exception names raised inside a cell that are worth retrying (the environment, not the code).
@@ -116,73 +114,6 @@ class _StreamingClient(NotebookClient):  # type: ignore[misc]
             elif kind == "error":
                 callback(cell_index, f"{content.get('ename')}: {content.get('evalue')}\n")
         return out
-
-
-async def wait_until_connected(client: Any, manager: Any, *, timeout: float) -> None:
-    """Wait until the kernel answers ``client`` on shell and its IOPub reaches ``client``.
-
-    jupyter_client's ``wait_for_ready`` checks the same two things but waits 0.2 s on IOPub
-    after the reply and then 0.2 s more for IOPub to fall silent: at least 0.2 s per
-    notebook, which was most of the runner's overhead with a warm kernel. Here any message
-    on IOPub that answers one of our own ``kernel_info`` requests proves the subscription is
-    live (a freshly connected SUB socket misses what was published before it joined, so the
-    request is repeated, with a growing wait, until one is seen), and nothing else is waited
-    for. Messages left on either channel are harmless: nbclient matches each to its request.
-
-    Parameters
-    ----------
-    client : AsyncKernelClient
-        A client with its channels started.
-    manager : AsyncKernelManager
-        The kernel's manager, asked whether the kernel still runs.
-    timeout : float
-        Seconds to wait in all.
-
-    Raises
-    ------
-    RuntimeError
-        The kernel died, or did not answer within ``timeout`` (as ``wait_for_ready``).
-    """
-    deadline = time.monotonic() + timeout
-    sent: set[str] = set()
-    reply: dict[str, Any] | None = None
-    iopub_wait = 0.01
-    while True:
-        sent.add(client.kernel_info())
-        ask_until = min(time.monotonic() + 1.0, deadline)
-        while reply is None:  # the first reply only; later ones are skipped by nbclient
-            try:
-                msg = await client.shell_channel.get_msg(
-                    timeout=max(ask_until - time.monotonic(), 0.0)
-                )
-            except Empty:
-                break
-            if msg["msg_type"] == "kernel_info_reply" and _parent(msg) in sent:
-                reply = msg
-        if reply is not None and await _iopub_answers(client, sent, iopub_wait):
-            client._handle_kernel_info_reply(reply)  # protocol adaptation, as wait_for_ready
-            return
-        iopub_wait = min(2 * iopub_wait, 0.5)
-        if not await manager.is_alive():
-            raise RuntimeError("Kernel died before replying to kernel_info")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"Kernel didn't respond in {timeout:.0f} seconds")
-
-
-async def _iopub_answers(client: Any, sent: set[str], wait: float) -> bool:
-    """Whether IOPub brings, within ``wait`` seconds, a message caused by one of ``sent``."""
-    until = time.monotonic() + wait
-    while True:
-        try:
-            msg = await client.iopub_channel.get_msg(timeout=max(until - time.monotonic(), 0.0))
-        except Empty:
-            return False
-        if _parent(msg) in sent:
-            return True
-
-
-def _parent(msg: dict[str, Any]) -> str | None:
-    return (msg.get("parent_header") or {}).get("msg_id")
 
 
 def execute_attempt(

@@ -28,6 +28,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from jupyter_client import AsyncKernelManager
@@ -42,6 +43,7 @@ __all__ = [
     "kill_all",
     "live_kernel_pids",
     "start_kernel",
+    "wait_until_connected",
 ]
 
 log = logging.getLogger(__name__)
@@ -178,7 +180,7 @@ async def _wait_ready_and_import(
     client = open_client(manager)
     try:
         try:
-            await client.wait_for_ready(timeout=timeout)
+            await wait_until_connected(client, manager, timeout=timeout)
         except RuntimeError as exc:
             raise KernelDiedError(f"kernel did not become ready: {exc}") from exc
         if not warmup:
@@ -197,6 +199,73 @@ async def _wait_ready_and_import(
         raise KernelDiedError(f"kernel warm-up took longer than {timeout:.0f} s") from exc
     finally:
         close_client(client)
+
+
+async def wait_until_connected(client: Any, manager: Any, *, timeout: float) -> None:
+    """Wait until the kernel answers ``client`` on shell and its IOPub reaches ``client``.
+
+    jupyter_client's ``wait_for_ready`` checks the same two things but waits 0.2 s on IOPub
+    after the reply and then 0.2 s more for IOPub to fall silent: at least 0.2 s per
+    notebook, which was most of the runner's overhead with a warm kernel. Here any message
+    on IOPub that answers one of our own ``kernel_info`` requests proves the subscription is
+    live (a freshly connected SUB socket misses what was published before it joined, so the
+    request is repeated, with a growing wait, until one is seen), and nothing else is waited
+    for. Messages left on either channel are harmless: nbclient matches each to its request.
+
+    Parameters
+    ----------
+    client : AsyncKernelClient
+        A client with its channels started.
+    manager : AsyncKernelManager
+        The kernel's manager, asked whether the kernel still runs.
+    timeout : float
+        Seconds to wait in all.
+
+    Raises
+    ------
+    RuntimeError
+        The kernel died, or did not answer within ``timeout`` (as ``wait_for_ready``).
+    """
+    deadline = time.monotonic() + timeout
+    sent: set[str] = set()
+    reply: dict[str, Any] | None = None
+    iopub_wait = 0.01
+    while True:
+        sent.add(client.kernel_info())
+        ask_until = min(time.monotonic() + 1.0, deadline)
+        while reply is None:  # the first reply only; later ones are skipped by nbclient
+            try:
+                msg = await client.shell_channel.get_msg(
+                    timeout=max(ask_until - time.monotonic(), 0.0)
+                )
+            except Empty:
+                break
+            if msg["msg_type"] == "kernel_info_reply" and _parent(msg) in sent:
+                reply = msg
+        if reply is not None and await _iopub_answers(client, sent, iopub_wait):
+            client._handle_kernel_info_reply(reply)  # protocol adaptation, as wait_for_ready
+            return
+        iopub_wait = min(2 * iopub_wait, 0.5)
+        if not await manager.is_alive():
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kernel didn't respond in {timeout:.0f} seconds")
+
+
+async def _iopub_answers(client: Any, sent: set[str], wait: float) -> bool:
+    """Whether IOPub brings, within ``wait`` seconds, a message caused by one of ``sent``."""
+    until = time.monotonic() + wait
+    while True:
+        try:
+            msg = await client.iopub_channel.get_msg(timeout=max(until - time.monotonic(), 0.0))
+        except Empty:
+            return False
+        if _parent(msg) in sent:
+            return True
+
+
+def _parent(msg: dict[str, Any]) -> str | None:
+    return (msg.get("parent_header") or {}).get("msg_id")
 
 
 def open_client(manager: AsyncKernelManager) -> Any:

@@ -229,6 +229,7 @@ from pipeline.runner import KernelPool
 pool = KernelPool(1, warmup=())
 kernel = pool.acquire()
 print(kernel.pid, flush=True)
+sys.stdin.readline()  # exit (or hang) when told
 if sys.argv[1] == "hang":
     time.sleep(60)
 """
@@ -238,14 +239,18 @@ if sys.argv[1] == "hang":
 def test_no_kernel_outlives_its_process(how):
     proc = subprocess.Popen(
         [sys.executable, "-c", SCRIPT, "exit" if how == "exit" else "hang"],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     pid = int(proc.stdout.readline())
     assert _alive(pid)
+    proc.stdin.write("go\n")
+    proc.stdin.flush()
     if how == "sigkill":
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
+    proc.stdin.close()
     proc.stdout.close()
     assert _wait_gone(pid, 10), f"kernel {pid} outlived its process ({how})"
 
