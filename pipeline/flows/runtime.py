@@ -146,8 +146,8 @@ class ProgressReporter:
         run_id: str | None,
         *,
         key: str,
-        interval: float = 0.5,
-        publish_interval: float = 3.0,
+        interval: float = 1.0,
+        publish_interval: float = 5.0,
         hook: Callable[[float, str | None], None] | None = None,
     ) -> None:
         self.hook = hook
