@@ -19,7 +19,6 @@ import asyncio
 import atexit
 import contextlib
 import logging
-import os
 import shutil
 import signal
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 from jupyter_client import AsyncKernelManager
 
 from pipeline.errors import KernelDiedError
+from pipeline.processes import pid_alive, signal_group
 
 __all__ = [
     "DEFAULT_WARMUP",
@@ -96,7 +96,7 @@ class Kernel:
 
     def is_alive(self) -> bool:
         """Whether the kernel process still runs."""
-        return not self._killed and _pid_alive(self.pid)
+        return not self._killed and pid_alive(self.pid)
 
     def kill(self) -> None:
         """Kill the kernel's whole process group and remove its sockets. Idempotent."""
@@ -105,7 +105,7 @@ class Kernel:
             already = self._killed
             self._killed = True
         if not already:
-            _kill_group(self.pid)
+            signal_group(self.pid, signal.SIGKILL)
             process = getattr(self.manager.provisioner, "process", None)
             with contextlib.suppress(Exception):  # reap it: no zombie, no ResourceWarning
                 process.wait(timeout=2)
@@ -410,13 +410,13 @@ class KernelPool:
 def live_kernel_pids() -> list[int]:
     """Pids of the kernels this process started and has not killed."""
     with _LIVE_LOCK:
-        return [pid for pid, kernel in _LIVE.items() if _pid_alive(pid)]
+        return [pid for pid, kernel in _LIVE.items() if pid_alive(pid)]
 
 
 def busy_kernel_pids() -> list[int]:
     """Pids of this process's kernels that are running a notebook now."""
     with _LIVE_LOCK:
-        return [pid for pid, kernel in _LIVE.items() if kernel.busy and _pid_alive(pid)]
+        return [pid for pid, kernel in _LIVE.items() if kernel.busy and pid_alive(pid)]
 
 
 def kill_all() -> None:
@@ -425,27 +425,6 @@ def kill_all() -> None:
         kernels = list(_LIVE.values())
     for kernel in kernels:
         kernel.kill()
-
-
-def _kill_group(pid: int) -> None:
-    for kill in (os.killpg, os.kill):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            kill(pid, signal.SIGKILL)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); look at its state.
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 atexit.register(kill_all)

@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 
 from pipeline.config import WorkflowConfig, get_config
 from pipeline.errors import ServerError
+from pipeline.processes import pid_alive, signal_group
 
 __all__ = [
     "DEFAULT_START_TIMEOUT",
@@ -684,26 +685,12 @@ def _alive(pid: int) -> bool:
     child = _CHILDREN.get(pid)
     if child is not None:
         return child.poll() is None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
+    return pid_alive(pid)
 
 
 def _exit_code(pid: int) -> int | None:
     child = _CHILDREN.get(pid)
     return None if child is None else child.poll()
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]
 
 
 def _looks_like_prefect(pid: int) -> bool:
@@ -714,15 +701,6 @@ def _looks_like_prefect(pid: int) -> bool:
         return not Path("/proc/self").exists()  # no /proc (macOS): trust the record
     except OSError:
         return True
-
-
-def _signal_group(pid: int, sig: signal.Signals) -> None:
-    """Send ``sig`` to the process group that ``pid`` leads, or to ``pid`` alone."""
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 def _group_exists(pgid: int) -> bool:
@@ -737,9 +715,9 @@ def _group_exists(pgid: int) -> bool:
 
 def _terminate_group(pid: int, grace: float) -> None:
     """SIGTERM the group led by ``pid``; SIGKILL what is left after ``grace`` seconds."""
-    _signal_group(pid, signal.SIGTERM)
+    signal_group(pid, signal.SIGTERM)
     if not _wait_gone(pid, grace):
-        _signal_group(pid, signal.SIGKILL)
+        signal_group(pid, signal.SIGKILL)
         if not _wait_gone(pid, 10.0):
             raise ServerError(f"the Prefect server process {pid} survived SIGKILL")
     if _group_exists(pid):  # stragglers of the group outlived their leader

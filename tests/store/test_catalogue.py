@@ -247,5 +247,8 @@ def test_step_state_is_merged_per_step(catalogue: Catalogue) -> None:
         oid, "preprocessing", {"status": "failed"}, status="failed", error_message="boom"
     )
     got = catalogue.get_observation(oid)
-    assert got.steps == {"ingestion": {"status": "completed"}, "preprocessing": {"status": "failed"}}
+    assert got.steps == {
+        "ingestion": {"status": "completed"},
+        "preprocessing": {"status": "failed"},
+    }
     assert (got.status, got.error_message) == ("failed", "boom")
