@@ -24,7 +24,7 @@ from pipeline.errors import (
 )
 from pipeline.runner import KernelPool, NotebookRunner, backoff_delay, start_kernel
 from pipeline.runner.cache import cache_key
-from pipeline.runner.kernels import live_kernel_pids
+from pipeline.runner.kernels import busy_kernel_pids
 
 
 def _alive(pid: int) -> bool:
@@ -157,7 +157,7 @@ def test_cancel_stops_the_kernel_and_marks_the_partial_notebook(runner, make_not
 
     def on_text(cell: int, text: str) -> None:
         if text.startswith("started"):
-            pids.extend(live_kernel_pids())
+            pids.extend(busy_kernel_pids())
             cancel.set()
 
     began = time.monotonic()
