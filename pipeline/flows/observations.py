@@ -35,6 +35,7 @@ from pipeline.flows.runtime import (
     attempt_dicts,
     emit,
     flow_run_id,
+    from_deployment,
     get_catalogue,
     get_runner,
     in_pipeline,
@@ -42,6 +43,7 @@ from pipeline.flows.runtime import (
     pipeline_context,
     progress_hook,
     register_file,
+    shielded_from_sigterm,
     subflows_without_heartbeats,
     utcnow,
 )
@@ -123,7 +125,8 @@ def run_notebook(
 
     watched = [flow_run_id(), context.run_id if context is not None else None]
     try:
-        with CancelWatcher(watched) as watcher:
+        shield = shielded_from_sigterm() if from_deployment() else contextlib.nullcontext()
+        with CancelWatcher(watched) as watcher, shield:
             return get_runner(config).run(
                 notebooks_dir() / step.notebook,
                 parameters,

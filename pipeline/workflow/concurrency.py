@@ -11,6 +11,9 @@ __all__ = ["OBSERVATION_LIMIT", "ensure_limit", "holding_slot", "observation_slo
 #: Name of the global concurrency limit shared by every observation flow.
 OBSERVATION_LIMIT = "astr-observation-flows"
 
+#: Seconds a slot's lease lasts without renewal.
+LEASE_SECONDS = 60.0
+
 _holding: contextvars.ContextVar[bool] = contextvars.ContextVar("astr_holding_slot", default=False)
 
 
@@ -40,7 +43,9 @@ def observation_slot(limit: int, name: str = OBSERVATION_LIMIT) -> Iterator[None
     from prefect.concurrency.sync import concurrency
 
     ensure_limit(limit, name)
-    with concurrency(name, occupy=1, strict=True):
+    # A short lease (renewed while the block runs): the slot of a process killed
+    # outright comes back within a minute instead of five.
+    with concurrency(name, occupy=1, strict=True, lease_duration=LEASE_SECONDS):
         token = _holding.set(True)
         try:
             yield

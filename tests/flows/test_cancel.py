@@ -14,7 +14,10 @@ import pytest
 from pipeline.config import get_config
 from pipeline.errors import NotFoundError
 from pipeline.store import Catalogue
+from pipeline.types import FlowState
+from pipeline.workflow.concurrency import OBSERVATION_LIMIT
 from pipeline.workflow.deployments import deployment_path
+from pipeline.workflow.status import get_flow_status
 
 pytestmark = pytest.mark.integration
 
@@ -127,6 +130,7 @@ def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
                 time.sleep(0.2)
         with Catalogue.from_config(get_config()) as catalogue:
             assert catalogue.get_flow_run(run.id).status == "CANCELLED"
+            assert get_flow_status(run.id, catalogue).status is FlowState.CANCELLED
             observation = catalogue.list_observations()[0]
             cancelled = [s for s, v in observation.steps.items() if v["status"] == "cancelled"]
             assert len(cancelled) == 1
@@ -138,6 +142,10 @@ def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
             assert reports
             html = Path(reports[0].uri.removeprefix("file://"))
             assert "CANCELLED" in html.read_text()
+        # the cancelled pipeline gave its concurrency slot back
+        with get_client(sync_client=True) as client:
+            limit = client.read_global_concurrency_limit_by_name(OBSERVATION_LIMIT)
+            assert limit.active_slots == 0
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -220,9 +221,13 @@ def test_step_past_its_timeout_fails_saying_so(prefect_server_url, monkeypatch):
 
 def test_twelve_observations_never_more_than_two_running(prefect_server_url, monkeypatch):
     from pipeline.flows.submit import run_observations
+    from pipeline.workflow.concurrency import OBSERVATION_LIMIT
 
     monkeypatch.setenv("ASTR_MAX_CONCURRENT_FLOWS", "2")
     get_config.cache_clear()
+    # the session's server is shared: start from a fresh limit
+    with _client() as client, contextlib.suppress(Exception):
+        client.delete_global_concurrency_limit_by_name(OBSERVATION_LIMIT)
     items = [(f"obs-{i:02d}", _pair(mjd=61000.0 + i)) for i in range(12)]
     outcomes = run_observations(items)
     assert [o.state for o in outcomes] == ["COMPLETED"] * 12, [o.error for o in outcomes]
