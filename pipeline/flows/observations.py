@@ -35,7 +35,6 @@ from pipeline.flows.runtime import (
     attempt_dicts,
     emit,
     flow_run_id,
-    from_deployment,
     get_catalogue,
     get_runner,
     in_pipeline,
@@ -43,7 +42,6 @@ from pipeline.flows.runtime import (
     pipeline_context,
     progress_hook,
     register_file,
-    shielded_from_sigterm,
     subflows_without_heartbeats,
     utcnow,
 )
@@ -125,8 +123,7 @@ def run_notebook(
 
     watched = [flow_run_id(), context.run_id if context is not None else None]
     try:
-        shield = shielded_from_sigterm() if from_deployment() else contextlib.nullcontext()
-        with CancelWatcher(watched) as watcher, shield:
+        with CancelWatcher(watched) as watcher:
             return get_runner(config).run(
                 notebooks_dir() / step.notebook,
                 parameters,
@@ -196,6 +193,10 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     ``observation_data["output_dir"]`` it also writes ``candidates.ecsv`` and
     ``reports/<step>.html`` there.
     """
+    return _pipeline(observation_data)
+
+
+def _pipeline(observation_data: dict) -> dict:
     config = get_config()
     request = parse_observation_data(observation_data)
     run_id = flow_run_id()
@@ -246,6 +247,10 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
 
 
 def _ingest(observation_data: dict) -> dict:
+    return _ingest_body(observation_data)
+
+
+def _ingest_body(observation_data: dict) -> dict:
     config = get_config()
     step = STEPS["ingestion"]
     request = parse_observation_data(observation_data)
@@ -345,6 +350,10 @@ def _forget(catalogue: Catalogue, store: ArtifactStore, observation_id: uuid.UUI
 
 
 def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
+    return _run_step_body(step, observation_id)
+
+
+def _run_step_body(step: Step, observation_id: uuid.UUID | str) -> dict:
     config = get_config()
     store = ArtifactStore(config.storage_config)
     try:

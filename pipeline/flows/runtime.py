@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
-import signal
 import threading
 import time
 import uuid
@@ -32,14 +31,12 @@ __all__ = [
     "ProgressReporter",
     "emit",
     "flow_run_id",
-    "from_deployment",
     "get_catalogue",
     "get_runner",
     "local_copy",
     "pipeline_context",
     "progress_hook",
     "register_file",
-    "shielded_from_sigterm",
     "subflows_without_heartbeats",
 ]
 
@@ -85,13 +82,6 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
             )
             _RUNNERS[key] = runner
         return runner
-
-
-def from_deployment() -> bool:
-    """Whether this flow run was started from a deployment (so a worker runs it)."""
-    from prefect.runtime import deployment, flow_run
-
-    return bool(deployment.id or flow_run.parent_deployment_id)
 
 
 def flow_run_id() -> str | None:
@@ -207,27 +197,6 @@ class ProgressReporter:
                 update_progress_artifact(self._artifact, percent, description=description)
         except Exception as exc:  # progress display must never fail a run
             log.debug("progress artifact not updated: %s", exc)
-
-
-@contextlib.contextmanager
-def shielded_from_sigterm() -> Iterator[None]:
-    """Ignore SIGTERM in this block (main thread only; elsewhere it does nothing).
-
-    A worker stops a cancelled run with SIGTERM, which Prefect turns into an exception
-    wherever the main thread is: possibly halfway through storing the cancelled
-    notebook, recording the run or releasing its concurrency slot. A run served by a
-    worker notices the cancel itself (``CancelWatcher``, within a second), stops its
-    kernel and ends Cancelled with everything recorded, so while its notebook runs
-    the signal is not needed.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -302,15 +302,16 @@ class NotebookRunner:
                 outcome_status, message = outcome.status, outcome.message
                 retryable, kseconds = outcome.retryable, outcome.kernel_seconds
                 nb = outcome.notebook
-                if (
-                    outcome_status == "kernel_died"
-                    and cancel_event is not None
-                    and cancel_event.wait(CANCEL_GRACE)
-                ):
-                    # The kernel went down because the run is being cancelled
-                    # (the orchestrator may stop it before we hear of the cancel).
-                    outcome_status, retryable = "cancelled", False
-                    message = "the run was cancelled and its kernel stopped"
+                if outcome_status == "kernel_died" and cancel_event is not None:
+                    # The kernel may have gone down because the run is being cancelled
+                    # (the orchestrator can stop it before we hear of the cancel).
+                    try:
+                        cancelled = cancel_event.wait(CANCEL_GRACE)
+                    except BaseException as exc:  # stopped while waiting: record, re-raise
+                        cancelled, outcome.interrupt = True, exc
+                    if cancelled:
+                        outcome_status, retryable = "cancelled", False
+                        message = "the run was cancelled and its kernel stopped"
             outputs: dict[str, Any] | None = None
             if outcome_status == "completed":
                 outputs, message = _read_outputs(output_dir)

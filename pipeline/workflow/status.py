@@ -93,6 +93,9 @@ def flow_status(flow_run: Any, flow_name: str, record: FlowRunRecord | None = No
 def get_flow_status(flow_run_id: uuid.UUID | str, catalogue: Catalogue) -> FlowStatus:
     """Read a flow run from Prefect (and its catalogue record) and map it.
 
+    A catalogue record left unfinished by a run that was killed is brought in line
+    with Prefect's final state.
+
     Raises
     ------
     NotFoundError
@@ -111,4 +114,13 @@ def get_flow_status(flow_run_id: uuid.UUID | str, catalogue: Catalogue) -> FlowS
         record = catalogue.get_flow_run(run.id)
     except NotFoundError:
         record = None
-    return flow_status(run, flow.name, record)
+    status = flow_status(run, flow.name, record)
+    if record is not None and status.status.is_final and record.status != status.status.value:
+        # The run ended without writing its record (killed, crashed): Prefect knows.
+        record = catalogue.update_flow_run(
+            run.id,
+            status=status.status,
+            ended_at=run.end_time,
+            error_message=record.error_message or status.error_message,
+        )
+    return status

