@@ -9,7 +9,6 @@ first step that did not runs. ``force`` in ``observation_data`` reruns everythin
 from __future__ import annotations
 
 import contextlib
-import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from pipeline.flows.runtime import (
     PipelineContext,
     ProgressReporter,
     attempt_dicts,
+    download,
     emit,
     flow_run_id,
     get_catalogue,
@@ -193,10 +193,6 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     ``observation_data["output_dir"]`` it also writes ``candidates.ecsv`` and
     ``reports/<step>.html`` there.
     """
-    return _pipeline(observation_data)
-
-
-def _pipeline(observation_data: dict) -> dict:
     config = get_config()
     request = parse_observation_data(observation_data)
     run_id = flow_run_id()
@@ -214,7 +210,7 @@ def _pipeline(observation_data: dict) -> dict:
                 for index, name in enumerate(STEP_ORDER):
                     context.step_index = index
                     reporter.update(index / len(STEP_ORDER), name, force=True)
-                    timeout = _step_timeout(config)
+                    timeout = config.flow_timeout
                     if name == "ingestion":
                         results[name] = STEP_FLOWS[name].with_options(timeout_seconds=timeout)(
                             observation_data
@@ -247,10 +243,6 @@ def _pipeline(observation_data: dict) -> dict:
 
 
 def _ingest(observation_data: dict) -> dict:
-    return _ingest_body(observation_data)
-
-
-def _ingest_body(observation_data: dict) -> dict:
     config = get_config()
     step = STEPS["ingestion"]
     request = parse_observation_data(observation_data)
@@ -350,10 +342,6 @@ def _forget(catalogue: Catalogue, store: ArtifactStore, observation_id: uuid.UUI
 
 
 def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
-    return _run_step_body(step, observation_id)
-
-
-def _run_step_body(step: Step, observation_id: uuid.UUID | str) -> dict:
     config = get_config()
     store = ArtifactStore(config.storage_config)
     try:
@@ -767,26 +755,14 @@ def _export(
         else:
             continue
         if uri:
-            _copy_out(store, uri, target)
+            download(store, uri, target)
             written[f"report:{name}"] = str(target)
     found = catalogue.products(observation_id, kind="candidates")
     if found and (observation.steps or {}).get("validation", {}).get("status") == "completed":
         target = output_dir / "candidates.ecsv"
-        _copy_out(store, found[-1].uri, target)
+        download(store, found[-1].uri, target)
         written["candidates"] = str(target)
     return written
-
-
-def _copy_out(store: ArtifactStore, uri: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.part")
-    with store.open(store.key_of(uri), "rb") as source, open(tmp, "wb") as sink:
-        shutil.copyfileobj(source, sink)
-    tmp.replace(target)
-
-
-def _step_timeout(config: WorkflowConfig) -> int:
-    return config.flow_timeout
 
 
 def _force(request: ObservationRequest) -> bool:

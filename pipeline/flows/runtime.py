@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from pipeline.store.storage import sha256_file
 __all__ = [
     "PipelineContext",
     "ProgressReporter",
+    "download",
     "emit",
     "flow_run_id",
     "get_catalogue",
@@ -290,13 +292,17 @@ def local_copy(store: ArtifactStore, product: Product, scratch: Path) -> Path:
         return store.local_path(key)
     target = scratch / product.sha256[:16] / Path(key).name
     if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(target.suffix + ".part")
-        with store.open(key, "rb") as source, open(tmp, "wb") as sink:
-            while chunk := source.read(1 << 20):
-                sink.write(chunk)
-        tmp.replace(target)
+        download(store, product.uri, target)
     return target
+
+
+def download(store: ArtifactStore, uri: str, target: Path) -> None:
+    """Copy a stored object to ``target`` atomically (a reader never sees half of it)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    with store.open(store.key_of(uri), "rb") as source, open(tmp, "wb") as sink:
+        shutil.copyfileobj(source, sink)
+    tmp.replace(target)
 
 
 def attempt_dicts(attempts: tuple[Any, ...]) -> list[dict[str, Any]]:

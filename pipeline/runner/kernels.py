@@ -41,7 +41,6 @@ __all__ = [
     "KernelPool",
     "busy_kernel_pids",
     "kill_all",
-    "live_kernel_pids",
     "start_kernel",
     "wait_until_connected",
 ]
@@ -405,12 +404,6 @@ class KernelPool:
             self._cond.notify_all()
         if kernel is not None:  # pool closed meanwhile
             kernel.kill()
-
-
-def live_kernel_pids() -> list[int]:
-    """Pids of the kernels this process started and has not killed."""
-    with _LIVE_LOCK:
-        return [pid for pid, kernel in _LIVE.items() if pid_alive(pid)]
 
 
 def busy_kernel_pids() -> list[int]:
