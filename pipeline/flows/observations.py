@@ -9,7 +9,9 @@ first step that did not runs. ``force`` in ``observation_data`` reruns everythin
 from __future__ import annotations
 
 import contextlib
+import functools
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from pipeline.errors import (
     ObservationDataError,
     UpstreamProductError,
 )
+from pipeline.flows.publish import publish, publishing, quiet_window
 from pipeline.flows.runtime import (
     PipelineContext,
     ProgressReporter,
@@ -63,6 +66,7 @@ from pipeline.store.storage import sha256_file
 from pipeline.types import FlowState, FlowType, ObservationStatus
 from pipeline.workflow.cancellation import CancelWatcher
 from pipeline.workflow.concurrency import observation_slot
+from pipeline.workflow.heartbeats import flow_heartbeats
 
 __all__ = [
     "observation_detection_flow",
@@ -86,6 +90,7 @@ def run_notebook(
     parameters: dict[str, Any],
     inputs: dict[str, str],
     force: bool = False,
+    input_checksums: dict[str, str] | None = None,
 ) -> NotebookResult:
     """Run one step's notebook; its cell output goes to this task's log as it comes.
 
@@ -99,9 +104,11 @@ def run_notebook(
     reporter = ProgressReporter(catalogue, flow_run_id(), key=f"progress-{step.name}")
 
     def on_text(cell: int, text: str) -> None:
-        for line in text.splitlines():
-            if line.strip():
-                logger.info("[%s cell %d] %s", step.notebook, cell, line)
+        # One record per output message, not per line: a printed table is one entry
+        # to read, and one row for the server to write, not hundreds.
+        text = text.rstrip()
+        if text.strip():
+            logger.info("[%s cell %d] %s", step.notebook, cell, text)
 
     def on_progress(done: int, total: int, cell: int) -> None:
         fraction = done / total if total else 1.0
@@ -123,11 +130,12 @@ def run_notebook(
 
     watched = [flow_run_id(), context.run_id if context is not None else None]
     try:
-        with CancelWatcher(watched) as watcher:
+        with CancelWatcher(watched) as watcher, quiet_window():
             return get_runner(config).run(
                 notebooks_dir() / step.notebook,
                 parameters,
                 inputs={name: Path(path) for name, path in inputs.items()},
+                input_checksums=input_checksums,
                 force=force,
                 cancel_event=watcher.event,
                 on_text=on_text,
@@ -141,6 +149,13 @@ def run_notebook(
 # -- the flows -----------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _flow_body() -> Iterator[None]:
+    """What every flow body runs in: prompt heartbeats, artifacts flushed at the end."""
+    with publishing(), flow_heartbeats():
+        yield
+
+
 @flow(name="observation_ingestion", log_prints=True)
 def observation_ingestion_flow(observation_data: dict) -> dict:
     """Validate a science/reference pair, store it, and register the observation.
@@ -149,31 +164,36 @@ def observation_ingestion_flow(observation_data: dict) -> dict:
     report. Bad input fails here with the reading error's message, and leaves no
     observation behind.
     """
-    return _ingest(observation_data)
+    with _flow_body():
+        return _ingest(observation_data)
 
 
 @flow(name="observation_preprocessing", log_prints=True)
 def observation_preprocessing_flow(observation_id: uuid.UUID) -> dict:
     """Background, masks, registration onto the reference grid, PSFs, flux scale."""
-    return _run_step(STEPS["preprocessing"], observation_id)
+    with _flow_body():
+        return _run_step(STEPS["preprocessing"], observation_id)
 
 
 @flow(name="observation_differencing", log_prints=True)
 def observation_differencing_flow(observation_id: uuid.UUID) -> dict:
     """ZOGY difference image D, S and S_corr."""
-    return _run_step(STEPS["differencing"], observation_id)
+    with _flow_body():
+        return _run_step(STEPS["differencing"], observation_id)
 
 
 @flow(name="observation_detection", log_prints=True)
 def observation_detection_flow(observation_id: uuid.UUID) -> dict:
     """Candidates in S_corr with PSF photometry, flags and cutout triplets."""
-    return _run_step(STEPS["detection"], observation_id)
+    with _flow_body():
+        return _run_step(STEPS["detection"], observation_id)
 
 
 @flow(name="observation_validation", log_prints=True)
 def observation_validation_flow(observation_id: uuid.UUID) -> dict:
     """Cross-match, cuts and real/bogus score; the candidate catalogue."""
-    return _run_step(STEPS["validation"], observation_id)
+    with _flow_body():
+        return _run_step(STEPS["validation"], observation_id)
 
 
 STEP_FLOWS = {
@@ -197,7 +217,7 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     request = parse_observation_data(observation_data)
     run_id = flow_run_id()
     logger = get_run_logger()
-    with observation_slot(config.max_concurrent_flows):
+    with _flow_body(), observation_slot(config.max_concurrent_flows):
         catalogue = get_catalogue(config)
         _record_run(catalogue, run_id, FlowType.OBSERVATION_PIPELINE, observation_data, None)
         reporter = ProgressReporter(
@@ -266,7 +286,9 @@ def _ingest(observation_data: dict) -> dict:
     metadata = request.metadata()
     params = notebook_parameters(step, raw, observation_id=observation_id, metadata=metadata)
     try:
-        result = run_notebook(step.name, params, _as_str(raw), force=_force(request))
+        result = run_notebook(
+            step.name, params, _as_str(raw), force=_force(request), input_checksums=checksums
+        )
     except BaseException as exc:
         if existing is not None:
             _step_failed(catalogue, store, existing.id, step, run_id, exc)
@@ -302,6 +324,7 @@ def _ingest(observation_data: dict) -> dict:
                 step=step.name,
                 run_id=run_id,
                 metadata={"original_path": str(path)},
+                link=False,  # the user's file: copied, never linked or made read-only
             )
         summary = _record_success(catalogue, store, observation_id, step, result, run_id)
     except BaseException:
@@ -361,7 +384,7 @@ def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
     try:
         observation = catalogue.get_observation(observation_id)
         _record_run_observation(catalogue, run_id, observation_id)
-        inputs = _upstream_inputs(config, catalogue, store, observation, step)
+        inputs, checksums = _upstream_inputs(config, catalogue, store, observation, step)
         params = notebook_parameters(
             step, inputs, observation_id=observation_id, metadata=observation.meta
         )
@@ -372,7 +395,9 @@ def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
     context = pipeline_context()
     force = bool(context and context.force)
     try:
-        result = run_notebook(step.name, params, _as_str(inputs), force=force)
+        result = run_notebook(
+            step.name, params, _as_str(inputs), force=force, input_checksums=checksums
+        )
     except BaseException as exc:
         _step_failed(catalogue, store, observation_id, step, run_id, exc)
         _finish_run(catalogue, run_id, exc, {})
@@ -388,11 +413,15 @@ def _upstream_inputs(
     store: ArtifactStore,
     observation: Observation,
     step: Step,
-) -> dict[str, Path]:
-    """Local paths of the products a step reads; refuses with a message naming what is missing."""
+) -> tuple[dict[str, Path], dict[str, str]]:
+    """Local paths of the products a step reads, and their recorded checksums.
+
+    Refuses with a message naming what is missing.
+    """
     states = observation.steps or {}
     scratch = Path(config.home) / "scratch" / str(observation.id)
     inputs: dict[str, Path] = {}
+    checksums: dict[str, str] = {}
     for kind in step.needs:
         producer = producer_of(kind)
         state = states.get(producer, {})
@@ -410,11 +439,13 @@ def _upstream_inputs(
                 f"step: run observation_{producer}_flow first"
             ) from None
         inputs[kind] = local_copy(store, product, scratch)
+        checksums[kind] = product.sha256
     if step.name == "validation":
         found = catalogue.products(observation.id, kind="catalog")
         if found:
             inputs["catalog"] = local_copy(store, found[-1], scratch)
-    return inputs
+            checksums["catalog"] = found[-1].sha256
+    return inputs, checksums
 
 
 # -- recording results ---------------------------------------------------------------
@@ -448,6 +479,7 @@ def _record_success(
             step=step.name,
             run_id=run_id,
             metadata={"cache_key": result.cache_key},
+            sha256=result.files.get(filename),
         )
         products[kind] = product.uri
     reports = _store_reports(catalogue, store, observation_id, step, result.attempts, tag, run_id)
@@ -625,26 +657,26 @@ def _candidate_table(rows: list[dict[str, Any]]) -> None:
         }
         for r in shown
     ]
-    try:
-        create_table_artifact(
+    publish(
+        functools.partial(
+            create_table_artifact,
             table,
             key="candidates",
             description=f"{len(rows)} candidates; the {len(table)} with the largest |S/N|",
         )
-    except Exception as exc:  # display only
-        get_run_logger().warning("candidate table artifact not created: %s", exc)
+    )
 
 
 def _link(step: Step, report_uri: str) -> None:
-    try:
-        create_link_artifact(
+    publish(
+        functools.partial(
+            create_link_artifact,
             report_uri,
             link_text=f"{step.name} report",
             key=f"report-{step.name}",
             description=f"Executed {step.notebook}",
         )
-    except Exception as exc:  # display only
-        get_run_logger().warning("report link artifact not created: %s", exc)
+    )
 
 
 # -- flow-run records ----------------------------------------------------------------

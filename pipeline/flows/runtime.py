@@ -21,6 +21,7 @@ from typing import Any
 
 from pipeline.config import WorkflowConfig
 from pipeline.errors import CatalogueError
+from pipeline.flows.publish import publish
 from pipeline.runner import Attempt, KernelPool, NotebookRunner
 from pipeline.store import ArtifactStore, Catalogue
 from pipeline.store.models import Product
@@ -68,10 +69,12 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
     key = (str(Path(config.home).resolve()), config.retry_attempts, config.flow_timeout)
     with _LOCK:
         if _POOL is None:
-            # Two spare kernels: a short notebook (ingestion, detection) ends before one
-            # kernel could be warmed behind it, so the next step would wait. More would
-            # compete for the cores with the notebooks; a burst falls back to cold starts.
-            _POOL = KernelPool(2)
+            # Three spare kernels: a short notebook (ingestion, detection, validation)
+            # ends before a kernel can be warmed behind it on a busy machine, and with
+            # two the next pipeline's second step still waited for one (0.2-0.3 s).
+            # Each kernel is warmed once whatever the size, so a spare costs memory
+            # (~150 MB), not CPU; a burst beyond it falls back to cold starts.
+            _POOL = KernelPool(3)
         runner = _RUNNERS.get(key)
         if runner is None:
             home = Path(config.home)
@@ -137,8 +140,9 @@ class ProgressReporter:
     """Progress of one flow run: the catalogue record and a Prefect progress artifact.
 
     Updates are throttled (a notebook cell can be very short): the catalogue record at
-    most every ``interval`` seconds, the Prefect artifact every ``publish_interval``;
-    a forced update always goes.
+    most every ``interval`` seconds, the Prefect artifact every ``publish_interval``
+    (sent by the publishing thread, see ``pipeline.flows.publish``); a forced update
+    always goes.
     ``hook``, if given, sees every update unthrottled.
     """
 
@@ -160,6 +164,8 @@ class ProgressReporter:
         self.interval = interval
         self._last = 0.0
         self._artifact: uuid.UUID | None = None
+        self._latest: tuple[float, str | None] = (0.0, None)
+        self._queued = False
         self._key = key
         self.progress = 0.0
         self.current_step: str | None = None
@@ -186,10 +192,18 @@ class ProgressReporter:
             self._publish(current_step)
 
     def _publish(self, current_step: str | None) -> None:
+        """Queue the artifact update; updates queued meanwhile collapse into the latest."""
+        percent = round(100.0 * self.progress, 1)
+        self._latest = (percent, f"now: {current_step}" if current_step else None)
+        if not self._queued:
+            self._queued = True
+            publish(self._send)
+
+    def _send(self) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-        percent = round(100.0 * self.progress, 1)
-        description = f"now: {current_step}" if current_step else None
+        self._queued = False
+        percent, description = self._latest
         try:
             if self._artifact is None:
                 self._artifact = create_progress_artifact(
@@ -248,11 +262,16 @@ def register_file(
     step: str,
     run_id: str | None,
     metadata: Mapping[str, Any] | None = None,
+    sha256: str | None = None,
+    link: bool = True,
 ) -> Product:
     """Store a file as a product, once: a product already recorded at ``key`` is reused.
 
     Idempotent, so a step whose result came from the cache, or a rerun after a crash
-    between storing and recording, neither duplicates nor loses a product.
+    between storing and recording, neither duplicates nor loses a product. A finished
+    run output is hard-linked on a local store (and made read-only), not copied; pass
+    ``link=False`` for a file that is not ours (a user's raw image). ``sha256``, when
+    the runner has just computed it, saves reading the file again.
     """
     uri = store.uri(key)
     for product in catalogue.products(observation_id, kind=kind):
@@ -260,7 +279,7 @@ def register_file(
             return product
     if store.exists(key):  # stored, then the run died before recording it
         digest = store.checksum(key)
-        if digest == sha256_file(path):
+        if digest == (sha256 or sha256_file(path)):
             return catalogue.add_product(
                 observation_id,
                 kind=kind,
@@ -282,6 +301,8 @@ def register_file(
         step=step,
         run_id=run_id,
         metadata=metadata,
+        link=link,
+        sha256=sha256 if link else None,
     )
 
 

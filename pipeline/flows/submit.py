@@ -125,6 +125,7 @@ def run_observations(
     from pipeline.flows.observations import observation_pipeline_flow
     from pipeline.flows.runtime import progress_hook
     from pipeline.workflow.concurrency import ensure_limit, observation_slot
+    from pipeline.workflow.heartbeats import prompt_heartbeats
 
     config = config or get_config()
     ensure_limit(config.max_concurrent_flows)
@@ -139,7 +140,8 @@ def run_observations(
             with observation_slot(config.max_concurrent_flows):
                 if cancel.is_set():
                     raise KeyboardInterrupt
-                state = flow(dict(data), return_state=True)
+                with prompt_heartbeats():
+                    state = flow(dict(data), return_state=True)
         except Exception as exc:  # the slot could not be taken, or the flow did not start
             return ObserveOutcome(
                 name, data, "FAILED", None, None, str(exc), time.perf_counter() - began

@@ -241,7 +241,7 @@ def execute_attempt(
                 outcome.interrupt = exc
     finally:
         finished.set()
-        kernel.kill()
+        kernel.kill(wait=False)  # signalled now, reaped in the background
         guard.join(timeout=1)
         _close_client(client)
         _close_loop(loop)

@@ -97,20 +97,32 @@ class Kernel:
         """Whether the kernel process still runs."""
         return not self._killed and pid_alive(self.pid)
 
-    def kill(self) -> None:
-        """Kill the kernel's whole process group and remove its sockets. Idempotent."""
+    def kill(self, *, wait: bool = True) -> None:
+        """Kill the kernel's whole process group and remove its sockets. Idempotent.
+
+        The signal is always sent at once; with ``wait=False`` the process is reaped
+        and its sockets removed by a background thread.
+        """
         with _LIVE_LOCK:
             _LIVE.pop(self.pid, None)
             already = self._killed
             self._killed = True
         if not already:
             signal_group(self.pid, signal.SIGKILL)
-            process = getattr(self.manager.provisioner, "process", None)
-            with contextlib.suppress(Exception):  # reap it: no zombie, no ResourceWarning
-                process.wait(timeout=2)
-            with contextlib.suppress(Exception):  # the manager's control socket and context
-                self.manager._close_control_socket()
-                self.manager.context.destroy(linger=0)
+            if wait:
+                self._reap()
+            else:  # a big kernel takes a while to give its memory back: don't wait for it
+                threading.Thread(target=self._reap, name=f"reap-{self.pid}", daemon=True).start()
+        else:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _reap(self) -> None:
+        process = getattr(self.manager.provisioner, "process", None)
+        with contextlib.suppress(Exception):  # reap it: no zombie, no ResourceWarning
+            process.wait(timeout=5)
+        with contextlib.suppress(Exception):  # the manager's control socket and context
+            self.manager._close_control_socket()
+            self.manager.context.destroy(linger=0)
         # The connection file and the IPC sockets live in the runtime directory.
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 

@@ -12,7 +12,10 @@ from typing import Any
 
 import nbformat
 from nbconvert import HTMLExporter
+from nbconvert.exporters.templateexporter import TemplateExporter
+from nbconvert.filters.highlight import Highlight2HTML
 from nbconvert.filters.strings import clean_html
+from nbconvert.filters.widgetsdatatypefilter import WidgetsDataTypeFilter
 
 __all__ = ["ATTEMPT_STATUSES", "mark_notebook", "strip_ansi", "write_report"]
 
@@ -27,7 +30,15 @@ _BANNERS = {
 }
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 _exporter_lock = threading.Lock()
-_exporter: HTMLExporter | None = None
+_exporter: ReportExporter | None = None
+#: What nbconvert writes when an image has no alternative text.
+NO_ALT_TEXT = "No description has been provided for this image"
+_IMG = re.compile(r"<img\b[^>]*>")
+_ALT = re.compile(r"\salt=")
+_FOCUSABLE = re.compile(
+    r'<div class="(?=(?:[^"]*\s)?(?:jp-Cell-inputWrapper|jp-OutputArea-output)[\s"])([^"]*)"'
+    r"(?![^>]*\btabindex=)"
+)
 
 
 def strip_ansi(text: str) -> str:
@@ -75,11 +86,74 @@ def write_report(nb: nbformat.NotebookNode, notebook_path: Path, html_path: Path
     _atomic_write(html_path, _render_html(nb))
 
 
+class ReportExporter(HTMLExporter):
+    """nbconvert's HTML exporter without its BeautifulSoup pass; the same page.
+
+    nbconvert re-parses the whole rendered page (figures included, as base64) with
+    Python's HTML parser only to add ``alt`` text to images and ``tabindex`` to cells,
+    a third of the rendering time. Both edits are made here on the template's own
+    tags with two regular expressions.
+    """
+
+    def from_notebook_node(  # type: ignore[override]
+        self, nb: nbformat.NotebookNode, resources: dict[str, Any] | None = None, **kw: Any
+    ) -> tuple[str, dict[str, Any]]:
+        """Render ``nb``; see ``HTMLExporter.from_notebook_node``."""
+        langinfo = nb.metadata.get("language_info", {})
+        lexer = langinfo.get("pygments_lexer", langinfo.get("name", None))
+        highlight = self.filters.get(
+            "highlight_code", _RememberedHighlight(pygments_lexer=lexer, parent=self)
+        )
+        resources = self._init_resources(resources)
+        widgets = WidgetsDataTypeFilter(
+            notebook_metadata=self._nb_metadata, parent=self, resources=resources
+        )
+        self.register_filter("highlight_code", highlight)
+        self.register_filter("filter_data_type", widgets)
+        html, resources = TemplateExporter.from_notebook_node(self, nb, resources, **kw)
+        return accessible_html(html), resources
+
+
+class _RememberedHighlight(Highlight2HTML):
+    """Pygments highlighting of a code cell, remembered: cells repeat on every run."""
+
+    def __call__(self, source: str, language: str | None = None, metadata: Any = None) -> str:
+        if metadata and "magics_language" in metadata:  # the one key that matters
+            return super().__call__(source, language, metadata)
+        key = (source, language or self.pygments_lexer)
+        html = _HIGHLIGHTED.get(key)
+        if html is None:
+            html = super().__call__(source, language)
+            if len(_HIGHLIGHTED) >= _HIGHLIGHTED_MAX:
+                _HIGHLIGHTED.pop(next(iter(_HIGHLIGHTED)))
+            _HIGHLIGHTED[key] = html
+        return html
+
+
+#: Highlighted code cells by (source, language), oldest dropped first.
+_HIGHLIGHTED: dict[tuple[str, str | None], str] = {}
+_HIGHLIGHTED_MAX = 1024
+
+
+def accessible_html(html: str) -> str:
+    """Give every ``<img>`` an ``alt`` and make input and output cells focusable."""
+    html = _IMG.sub(_with_alt, html)
+    return _FOCUSABLE.sub(r'<div class="\1" tabindex="0"', html)
+
+
+def _with_alt(match: re.Match[str]) -> str:
+    tag = match.group(0)
+    # A figure's tag holds megabytes of base64: test with `in` before the regex.
+    if "alt=" in tag and _ALT.search(tag):
+        return tag
+    return f'<img alt="{NO_ALT_TEXT}"{tag[4:]}'
+
+
 def _render_html(nb: nbformat.NotebookNode) -> str:
     global _exporter
     with _exporter_lock:
         if _exporter is None:
-            _exporter = HTMLExporter()
+            _exporter = ReportExporter()
             _exporter.register_filter("clean_html", _clean_html)
         body, _resources = _exporter.from_notebook_node(nb)
     return body

@@ -108,6 +108,9 @@ class NotebookResult:
     durations : dict
         ``wall`` (this call), ``kernel`` (time in cells), ``overhead`` (the rest:
         kernel hand-over, injection, reports, cache), ``report`` and ``kernel_wait``.
+    files : dict
+        sha256 of every file under ``output_dir`` by relative path (hashed once, here,
+        so whoever stores the products need not read them again).
     """
 
     notebook: str
@@ -117,6 +120,7 @@ class NotebookResult:
     cached: bool
     cache_key: str
     durations: dict[str, float] = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
 
     @property
     def executed_notebook(self) -> Path:
@@ -207,6 +211,7 @@ class NotebookRunner:
         parameters: Mapping[str, Any] | None = None,
         *,
         inputs: Mapping[str, str | Path] | None = None,
+        input_checksums: Mapping[str, str] | None = None,
         force: bool = False,
         timeout: float | None = None,
         cancel_event: threading.Event | None = None,
@@ -224,6 +229,9 @@ class NotebookRunner:
             Values for the notebook's parameters (``output_dir`` is set by the runner).
         inputs : mapping, optional
             Input files by name; their checksums join the cache key.
+        input_checksums : mapping, optional
+            sha256 of some inputs by name, when the caller knows them already (files
+            from the artifact store, which never change); the others are hashed here.
         force : bool
             Run even if an identical earlier run is cached.
         timeout : float, optional
@@ -256,7 +264,10 @@ class NotebookRunner:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise NotebookError(f"cannot read notebook {path}: {exc}") from exc
         params = dict(parameters or {})
-        checksums = {name: sha256_file(file) for name, file in (inputs or {}).items()}
+        known = input_checksums or {}
+        checksums = {
+            name: known.get(name) or sha256_file(file) for name, file in (inputs or {}).items()
+        }
         key = cache_key(notebook_bytes, params, checksums)
         if self.cache is not None and not force:
             hit = self.cache.lookup(key)
@@ -364,6 +375,7 @@ class NotebookRunner:
                         "report": report_total,
                         "kernel_wait": wait_total,
                     },
+                    files=directory_checksums(output_dir),
                 )
                 if self.cache is not None:
                     self.cache.store(key, _cache_entry(result))
@@ -430,7 +442,7 @@ def _cache_entry(result: NotebookResult) -> dict[str, Any]:
         "notebook": result.notebook,
         "outputs": result.outputs,
         "output_dir": str(result.output_dir),
-        "files": directory_checksums(result.output_dir),
+        "files": result.files,
         "executed_notebook": str(result.executed_notebook),
         "html_report": str(result.html_report),
         "attempts": [attempt.to_dict() for attempt in result.attempts],
@@ -448,6 +460,7 @@ def _from_cache(name: str, key: str, entry: Mapping[str, Any], wall: float) -> N
         cached=True,
         cache_key=key,
         durations={"wall": wall, "kernel": 0.0, "overhead": wall, "report": 0.0},
+        files=dict(entry.get("files", {})),
     )
 
 

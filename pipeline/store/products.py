@@ -24,6 +24,8 @@ def save_product(
     step: str,
     run_id: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    link: bool = False,
+    sha256: str | None = None,
 ) -> Product:
     """Write ``source`` to ``key`` and record it, with its sha256, as a product.
 
@@ -47,13 +49,16 @@ def save_product(
     run_id : str, optional
         Flow run that made it.
     metadata : mapping, optional
+    link, sha256 : optional
+        Hard-link a finished file instead of copying it, with its known checksum;
+        see ``ArtifactStore.put``.
 
     Returns
     -------
     Product
     """
     catalogue.get_observation(observation_id)
-    stored = store.put(key, source)
+    stored = store.put(key, source, link=link, sha256=sha256)
     try:
         return catalogue.add_product(
             observation_id,

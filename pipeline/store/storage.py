@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
+import stat
 import tempfile
 import uuid
 from collections.abc import Iterable
@@ -158,7 +160,15 @@ class ArtifactStore:
         """Whether an object is stored at ``key``."""
         return bool(self.fs.exists(self.path(key)))
 
-    def put(self, key: str, source: Source, *, overwrite: bool = False) -> StoredObject:
+    def put(
+        self,
+        key: str,
+        source: Source,
+        *,
+        overwrite: bool = False,
+        link: bool = False,
+        sha256: str | None = None,
+    ) -> StoredObject:
         """Store bytes, a file (path or binary handle) or an iterable of chunks at ``key``.
 
         Parameters
@@ -166,9 +176,17 @@ class ArtifactStore:
         key : str
             Relative key; see :func:`validate_key`.
         source : bytes, path, binary file or iterable of bytes
-            A path is opened read-only; the source is never modified.
+            A path is opened read-only; the source is never modified (but see ``link``).
         overwrite : bool
             Replace an existing object (default False: raise instead).
+        link : bool
+            For a path on a local store: hard-link the file into the store instead of
+            copying it, and make it read-only (both names then share one read-only
+            file). For a finished product that nobody writes again. Falls back to a
+            copy across filesystems and on an object store.
+        sha256 : str, optional
+            The source's sha256 when the caller has just computed it (with ``link``):
+            the file is then not read at all.
 
         Returns
         -------
@@ -184,7 +202,12 @@ class ArtifactStore:
         if not overwrite and self.fs.exists(path):
             raise StorageError(f"{self.uri(key)} already exists; artifacts are immutable")
         try:
-            if self.is_local:
+            linked = None
+            if link and self.is_local and isinstance(source, str | os.PathLike):
+                linked = self._link_local(path, Path(source), overwrite, sha256)
+            if linked is not None:
+                digest, size = linked
+            elif self.is_local:
                 digest, size = self._put_local(path, source, overwrite)
             else:
                 digest, size = self._put_remote(path, source)
@@ -245,6 +268,31 @@ class ArtifactStore:
             else:
                 # link() fails if the target appeared meanwhile: no silent overwrite.
                 os.link(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return digest, size
+
+    def _link_local(
+        self, path: str, source: Path, overwrite: bool, sha256: str | None
+    ) -> tuple[str, int] | None:
+        """Hard-link ``source`` at ``path``; None when the two are on different devices."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        size = source.stat().st_size
+        digest = sha256 or sha256_file(source)
+        tmp = target.with_name(f"{_TMP_PREFIX}{uuid.uuid4().hex}-{target.name}")
+        try:
+            os.link(source, tmp)
+        except OSError as exc:
+            if exc.errno in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                return None
+            raise
+        try:
+            os.chmod(tmp, stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)
+            if overwrite:
+                os.replace(tmp, target)
+            else:
+                os.link(tmp, target)  # fails if the target appeared meanwhile
         finally:
             tmp.unlink(missing_ok=True)
         return digest, size

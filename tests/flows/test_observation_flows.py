@@ -102,6 +102,18 @@ def test_pipeline_end_to_end_cache_and_force(prefect_server_url, tmp_path):
     children = _subflow_runs(_run_id(state))
     assert len(children) == 5 and all(c.state.is_completed() for c in children)
 
+    # the notebooks' cell output is in the step runs' logs, one record per message
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with _client() as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[c.id for c in children]))
+        )
+    cells = [log.message for log in logs if log.message.startswith("[01_ingestion.ipynb cell ")]
+    assert cells and any("\n" in message for message in cells)  # multi-line prints kept whole
+
     with _client() as client:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 

@@ -214,3 +214,48 @@ def test_missing_object(store: ArtifactStore) -> None:
     with pytest.raises(StorageError, match="no artifact at"):
         store.read_bytes("nothing/here")
     assert store.list("nothing") == []
+
+
+def test_link_shares_one_read_only_file_and_trusts_a_known_checksum(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    source = tmp_path / "run" / "product.fits"
+    source.parent.mkdir()
+    source.write_bytes(b"finished product")
+    digest = hashlib.sha256(b"finished product").hexdigest()
+
+    stored = store.put("obs/product.fits", source, link=True)
+    target = store.local_path("obs/product.fits")
+    assert stored.sha256 == digest and stored.size == 16
+    assert os.path.samefile(source, target)  # no copy
+    assert target.stat().st_mode & 0o222 == 0  # read-only for everyone
+    with pytest.raises(StorageError, match="already exists"):
+        store.put("obs/product.fits", source, link=True)
+
+    # a checksum the caller just computed is used as given, without reading the file
+    other = tmp_path / "run" / "other.txt"
+    other.write_bytes(b"abc")
+    known = store.put("obs/other.txt", other, link=True, sha256="f" * 64)
+    assert known.sha256 == "f" * 64
+    assert store.list("obs") == ["obs/other.txt", "obs/product.fits"]  # no temporaries left
+
+
+def test_link_falls_back_to_a_copy_across_filesystems(
+    store: ArtifactStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    def cross_device(*_args: object, **_kwargs: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    source = tmp_path / "elsewhere.bin"
+    source.write_bytes(b"bytes")
+    real_link = os.link
+    monkeypatch.setattr(
+        os, "link", lambda a, b: cross_device() if Path(a) == source else real_link(a, b)
+    )
+    stored = store.put("x/elsewhere.bin", source, link=True)
+    target = store.local_path("x/elsewhere.bin")
+    assert not os.path.samefile(source, target) and target.read_bytes() == b"bytes"
+    assert stored.sha256 == hashlib.sha256(b"bytes").hexdigest()
+    assert source.stat().st_mode & 0o200  # the source was left writable
