@@ -1,0 +1,1 @@
+"""The real/bogus classifier: labelled data, model, training and evaluation."""

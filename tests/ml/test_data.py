@@ -1,0 +1,125 @@
+"""Labelled candidate triplets: labels from the injections, splits by image, stored by content."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from astropy.table import Table
+
+from pipeline.ml.data import (
+    KINDS,
+    DatasetError,
+    assign_splits,
+    label_candidates,
+    load_dataset,
+    save_dataset,
+    simulated_dataset,
+)
+from pipeline.science.detection import CandidateFlag
+
+
+def _candidates(rows: list[tuple[float, float, int]]) -> Table:
+    x, y, flags = zip(*rows, strict=True)
+    return Table({"x": x, "y": y, "flags": flags})
+
+
+def test_labels_follow_the_injections_in_priority_order():
+    candidates = _candidates(
+        [
+            (100.5, 100.0, 0),  # 0.5 px from a transient: real
+            (103.5, 100.0, 0),  # 3.5 px away: not that transient; on a star -> residual
+            (300.0, 305.0, 0),  # on a cosmic-ray track
+            (500.0, 40.0, 0),  # on a bad column's stretch
+            (501.0, 400.0, 0),  # same column, beyond its stretch -> noise
+            (700.0, 720.0, 0),  # in a saturated star's bleed trail
+            (900.0, 900.0, int(CandidateFlag.DIPOLE)),
+            (50.0, 800.0, 0),  # nothing there
+            (200.0, 200.0, int(CandidateFlag.DIPOLE)),  # a transient flagged dipole: real
+        ]
+    )
+    truth = Table({"x_ref": [100.0, 200.5], "y_ref": [100.0, 200.0], "snr_injected": [12.0, 8.0]})
+    artefacts = Table(
+        {
+            "kind": ["cosmic_ray", "bad_column", "saturated_star"],
+            "x": [300.0, 500.0, 700.0],
+            "y": [300.0, 64.0, 650.0],
+            "length": [6.0, 128.0, 120.0],
+        }
+    )
+    static = Table({"x": [103.0], "y": [100.0]})
+    kind, injected = label_candidates(candidates, truth, artefacts, static, fwhm=3.0)
+    names = [KINDS[k] for k in kind]
+    assert names == [
+        "real",
+        "static_residual",
+        "cosmic_ray",
+        "bad_column",
+        "noise",
+        "saturated_star",
+        "dipole",
+        "noise",
+        "real",
+    ]
+    assert injected[0] == 12.0 and injected[8] == 8.0
+    assert np.isnan(injected[1:8]).all()
+
+
+def test_splits_are_by_image_deterministic_and_checked():
+    images = [f"img{i}" for i in range(20)]
+    splits = assign_splits(images)
+    assert splits == assign_splits(list(reversed(images)))
+    counts = {s: list(splits.values()).count(s) for s in ("train", "validation", "test")}
+    assert counts == {"train": 14, "validation": 3, "test": 3}
+    assert set(assign_splits(["a", "b", "c"]).values()) == {"train", "validation", "test"}
+    with pytest.raises(ValueError, match="summing to 1"):
+        assign_splits(images, (0.5, 0.5, 0.5))
+
+
+@pytest.fixture(scope="module")
+def small() -> object:
+    return simulated_dataset(
+        [0, 1, 2], shape=(512, 512), n_stars=150, n_galaxies=40, n_transients=25
+    )
+
+
+def test_simulated_dataset_from_our_own_detections(small):
+    data = small
+    assert data.triplets.shape == (len(data), 3, 63, 63) and data.triplets.dtype == np.float32
+    # every image lies in exactly one split, and each split has one
+    pairs = {(i, s) for i, s in zip(data.image, data.split, strict=True)}
+    assert len({i for i, _ in pairs}) == len(pairs) == 3
+    assert {s for _, s in pairs} == {"train", "validation", "test"}
+    real = data.label == 1
+    assert real.sum() >= 20 and (~real).sum() >= 20  # both classes, from the pipeline itself
+    assert np.isfinite(data.injected_snr[real]).all() and np.isnan(data.injected_snr[~real]).all()
+    assert set(data.kind) - {"real"} <= set(KINDS[1:])
+    # a real candidate's difference stamp shows the transient at its centre, with its sign
+    centre = data.triplets[real, 2, 30:33, 30:33].mean(axis=(1, 2))
+    assert np.mean(np.sign(centre) == np.sign(data.snr[real])) > 0.95
+    # bright injections are found: at least as many real candidates above S/N 10
+    assert np.sum(real & (data.injected_snr >= 10)) >= 10
+
+
+def test_dataset_id_round_trip_and_tamper_detection(small, tmp_path):
+    again = simulated_dataset(
+        [0, 1, 2], shape=(512, 512), n_stars=150, n_galaxies=40, n_transients=25
+    )
+    assert again.dataset_id == small.dataset_id  # deterministic from its seeds
+    path = save_dataset(small, tmp_path / "sets" / "sim.npz")
+    loaded = load_dataset(path)
+    assert loaded.dataset_id == small.dataset_id
+    np.testing.assert_array_equal(loaded.triplets, small.triplets)
+    assert sum(v for c in loaded.counts().values() for v in c.values()) == len(small)
+    assert len(loaded.subset("test")) == int(np.sum(small.split == "test"))
+
+    with np.load(path) as archive:
+        fields = dict(archive)
+    fields["label"] = 1 - fields["label"]  # flipped labels, old id
+    np.savez_compressed(tmp_path / "bad.npz", **fields)
+    with pytest.raises(DatasetError, match="modified or damaged"):
+        load_dataset(tmp_path / "bad.npz")
+    with pytest.raises(DatasetError, match="does not exist"):
+        load_dataset(tmp_path / "missing.npz")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DatasetError, match="not a candidate dataset"):
+        load_dataset(tmp_path / "junk.npz")
