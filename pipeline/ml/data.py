@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -29,7 +30,9 @@ from pathlib import Path
 import numpy as np
 from astropy.table import Table
 
-from pipeline.errors import AstrError
+from pipeline.errors import AstrError, ScienceError
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BOGUS_KINDS",
@@ -257,9 +260,14 @@ def simulated_dataset(
     **simulation :
         Further ``simulate_pair`` arguments (transient S/N range, artefact counts...).
     """
-    parts = [_pair_samples(seed, shape, cutout_size, threshold, simulation) for seed in list(seeds)]
+    parts = []
+    for seed in seeds:
+        try:
+            parts.append(_pair_samples(seed, shape, cutout_size, threshold, simulation))
+        except ScienceError as exc:  # the pipeline cannot process this pair: no samples
+            log.warning("simulated pair seed %d skipped: %s", seed, exc)
     if not parts:
-        raise ValueError("simulated_dataset needs at least one seed")
+        raise ValueError("simulated_dataset: no pair could be processed (or no seed given)")
     merged = concatenate(parts)
     splits = assign_splits(merged.image.tolist(), fractions)
     split = np.array([splits[name] for name in merged.image], dtype="U10")

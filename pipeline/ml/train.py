@@ -1,0 +1,281 @@
+"""Training the real/bogus network: early stopping on validation, then calibration.
+
+No tracking or tuning code here: ``on_epoch`` hands each epoch's metrics to whoever
+watches (MLflow logging, an Optuna pruner), and the result carries everything needed
+to save, evaluate and compare the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.ml.data import CandidateDataset
+from pipeline.ml.metrics import binary_nll, roc_auc
+from pipeline.ml.model import (
+    ModelConfig,
+    RealBogusNet,
+    fit_temperature,
+    normalise_triplets,
+    pick_device,
+    seed_everything,
+)
+
+__all__ = ["TrainConfig", "TrainedModel", "load_model", "predict_logits", "train_model"]
+
+EpochCallback = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train.
+
+    Attributes
+    ----------
+    epochs : int
+        Most epochs; training stops earlier after ``patience`` epochs without a better
+        validation loss, and the best epoch's weights are kept.
+    batch_size, learning_rate, weight_decay : training hyper-parameters (AdamW).
+    seed : int
+        Seeds the initial weights, the batch order and the flips.
+    augment : bool
+        Random flips and 90° rotations of the whole triplet (the sky has no preferred
+        orientation).
+    device : str, optional
+        ``cpu``, ``cuda``...; default CUDA when present.
+    model : ModelConfig
+    """
+
+    epochs: int = 30
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 5
+    seed: int = 0
+    augment: bool = True
+    device: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build from a flat dict (model keys ``width``, ``dense``, ``dropout`` included).
+
+        Raises
+        ------
+        ValueError
+            Naming any key that is not a setting.
+        """
+        model_keys = set(ModelConfig.__dataclass_fields__)
+        own_keys = set(cls.__dataclass_fields__) - {"model"}
+        unknown = set(values) - model_keys - own_keys
+        if unknown:
+            raise ValueError(
+                f"unknown training setting(s) {sorted(unknown)}; "
+                f"known: {sorted(own_keys | model_keys)}"
+            )
+        model = ModelConfig(**{k: v for k, v in values.items() if k in model_keys})
+        return cls(**{k: v for k, v in values.items() if k in own_keys}, model=model)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict form (inverse of ``from_dict``)."""
+        own = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "model"}
+        return {**own, **self.model.to_dict()}
+
+
+@dataclass
+class TrainedModel:
+    """A trained, calibrated network and how it got there.
+
+    Attributes
+    ----------
+    net : RealBogusNet
+        In eval mode, on the CPU.
+    temperature : float
+        Divides the logits before the sigmoid.
+    config : TrainConfig
+    history : list of dict
+        Per epoch: ``epoch``, ``train_loss``, ``val_loss``, ``val_auc``, ``seconds``.
+    best_epoch : int
+    dataset_id : str
+    """
+
+    net: RealBogusNet
+    temperature: float
+    config: TrainConfig
+    history: list[dict[str, float]]
+    best_epoch: int
+    dataset_id: str
+
+    def predict_proba(self, triplets: np.ndarray) -> np.ndarray:
+        """Calibrated probability that each candidate is real."""
+        logits = predict_logits(self.net, triplets)
+        return 1.0 / (1.0 + np.exp(-logits / self.temperature))
+
+    def save(self, path: str | Path) -> Path:
+        """Write weights, settings and calibration to one file (``torch.save``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "state_dict": self.net.state_dict(),
+                "temperature": self.temperature,
+                "config": self.config.to_dict(),
+                "history": self.history,
+                "best_epoch": self.best_epoch,
+                "dataset_id": self.dataset_id,
+            },
+            buffer,
+        )
+        tmp = path.with_name(f".{path.name}.part")
+        tmp.write_bytes(buffer.getvalue())
+        tmp.replace(path)
+        return path
+
+
+def load_model(path: str | Path) -> TrainedModel:
+    """Read a model written by ``TrainedModel.save``."""
+    state = torch.load(Path(path), map_location="cpu", weights_only=True)
+    config = TrainConfig.from_dict(state["config"])
+    net = RealBogusNet(config.model)
+    net.load_state_dict(state["state_dict"])
+    net.eval()
+    return TrainedModel(
+        net=net,
+        temperature=float(state["temperature"]),
+        config=config,
+        history=list(state["history"]),
+        best_epoch=int(state["best_epoch"]),
+        dataset_id=str(state["dataset_id"]),
+    )
+
+
+def predict_logits(net: nn.Module, triplets: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Raw logits for raw (un-normalised) triplets, in eval mode on the net's device."""
+    device = next(net.parameters()).device
+    x = normalise_triplets(triplets)
+    net.eval()
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            batch = torch.from_numpy(x[start : start + batch_size]).to(device)
+            out.append(net(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def train_model(
+    data: CandidateDataset,
+    config: TrainConfig | None = None,
+    *,
+    on_epoch: EpochCallback | None = None,
+) -> TrainedModel:
+    """Train on the ``train`` split, stop early on ``validation``, calibrate on it.
+
+    Parameters
+    ----------
+    data : CandidateDataset
+        Must hold both classes in its train and validation splits.
+    config : TrainConfig
+    on_epoch : callable, optional
+        ``on_epoch(epoch, metrics)`` after each epoch (may raise to stop, e.g. an
+        Optuna pruner).
+
+    Raises
+    ------
+    ValueError
+        If a split is empty or holds a single class.
+    """
+    config = config or TrainConfig()
+    train, val = data.subset("train"), data.subset("validation")
+    for name, part in (("train", train), ("validation", val)):
+        if len(part) == 0 or part.label.min() == part.label.max():
+            raise ValueError(
+                f"dataset {data.dataset_id}: the {name} split needs real and bogus "
+                f"candidates (it has {int(part.label.sum())} real of {len(part)})"
+            )
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    net = RealBogusNet(config.model).to(device).to(memory_format=torch.channels_last)
+    x_train = torch.from_numpy(normalise_triplets(train.triplets))
+    y_train = torch.from_numpy(train.label.astype(np.float32))
+    positives = float(y_train.sum())
+    # Real candidates are the minority: weight them so both classes count equally.
+    pos_weight = torch.tensor((len(y_train) - positives) / positives, device=device)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    optimiser = torch.optim.AdamW(
+        net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+
+    history: list[dict[str, float]] = []
+    best = (np.inf, 0, copy.deepcopy(net.state_dict()))
+    for epoch in range(1, config.epochs + 1):
+        began = time.perf_counter()
+        net.train()
+        total = 0.0
+        order = torch.randperm(len(x_train), generator=generator)
+        for start in range(0, len(order), config.batch_size):
+            index = order[start : start + config.batch_size]
+            xb = x_train[index]
+            if config.augment:
+                xb = _augment(xb, generator)
+            xb = xb.to(device).contiguous(memory_format=torch.channels_last)
+            yb = y_train[index].to(device)
+            optimiser.zero_grad(set_to_none=True)
+            loss = loss_fn(net(xb), yb)
+            loss.backward()
+            optimiser.step()
+            total += float(loss.detach()) * len(index)
+        logits = predict_logits(net, val.triplets)
+        val_loss = binary_nll(1.0 / (1.0 + np.exp(-logits)), val.label)
+        metrics = {
+            "train_loss": total / len(order),
+            "val_loss": val_loss,
+            "val_auc": roc_auc(logits, val.label),
+            "seconds": time.perf_counter() - began,
+        }
+        history.append({"epoch": epoch, **metrics})
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(net.state_dict()))
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if epoch - best[1] >= config.patience:
+            break
+
+    net.load_state_dict(best[2])
+    net = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    temperature = fit_temperature(predict_logits(net, val.triplets), val.label)
+    return TrainedModel(
+        net=net,
+        temperature=temperature,
+        config=config,
+        history=history,
+        best_epoch=best[1],
+        dataset_id=data.dataset_id,
+    )
+
+
+def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One random quarter turn and flip for the batch (all three stamps alike)."""
+    turns = int(torch.randint(0, 4, (1,), generator=generator))
+    if turns:
+        x = torch.rot90(x, turns, dims=(2, 3))
+    if bool(torch.randint(0, 2, (1,), generator=generator)):
+        x = torch.flip(x, dims=(3,))
+    return x
