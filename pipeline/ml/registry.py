@@ -1,0 +1,256 @@
+"""Model versions in MLflow: logging a trained model, deployment by alias, rollback.
+
+Every trained model is one MLflow run (parameters, per-epoch metrics, test metrics,
+the model file) and one version of the registered model ``realbogus``. An environment
+(``staging``, ``production``) is an alias on a version. A version takes an environment
+only if it beats the current holder on the same test set (or with ``force``); the new
+holder's tags record whom it replaced, so ``rollback`` moves the alias back in one call.
+"""
+
+from __future__ import annotations
+
+import getpass
+import tempfile
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pipeline.errors import AstrError
+from pipeline.ml.data import CandidateDataset
+from pipeline.ml.evaluate import Evaluation, evaluate
+from pipeline.ml.train import TrainedModel, load_model
+
+__all__ = [
+    "ENVIRONMENTS",
+    "MODEL_NAME",
+    "Deployment",
+    "ModelRegistry",
+    "RegistryError",
+]
+
+MODEL_NAME = "realbogus"
+ENVIRONMENTS = ("staging", "production")
+EXPERIMENT = "realbogus"
+#: Miss rate at which models are compared (the operating point quoted by surveys).
+COMPARE_FNR = 0.02
+
+
+class RegistryError(AstrError):
+    """A model version or environment that does not exist, or a refused deployment."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """The outcome of a deployment or a rollback."""
+
+    environment: str
+    version: int
+    replaced: int | None
+    deployed: bool
+    reason: str
+
+
+class ModelRegistry:
+    """The registered model ``realbogus`` in one MLflow tracking store.
+
+    Parameters
+    ----------
+    tracking_uri : str
+        Any MLflow tracking URI (``sqlite:///.../mlflow.db`` by default in the config).
+    artifact_root : path, optional
+        Where a new experiment keeps its artifacts (default: next to a SQLite file).
+    """
+
+    def __init__(self, tracking_uri: str, artifact_root: str | Path | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if artifact_root is None and tracking_uri.startswith("sqlite:///"):
+            artifact_root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
+        self.artifact_root = Path(artifact_root) if artifact_root is not None else None
+
+    # -- logging ---------------------------------------------------------------------
+
+    def log_model(
+        self,
+        model: TrainedModel,
+        *,
+        evaluation: Evaluation | None = None,
+        run_name: str | None = None,
+        extra_artifacts: tuple[Path, ...] = (),
+    ) -> int:
+        """Log a trained model as a run and register it; returns the new version number."""
+        experiment_id = self._experiment_id()
+        run = self.client.create_run(experiment_id, run_name=run_name)
+        run_id = run.info.run_id
+        try:
+            params = {k: str(v) for k, v in model.config.to_dict().items()}
+            params.update(dataset_id=model.dataset_id, temperature=f"{model.temperature:.6g}")
+            for key, value in params.items():
+                self.client.log_param(run_id, key, value)
+            for row in model.history:
+                for key, value in row.items():
+                    if key != "epoch":
+                        self.client.log_metric(run_id, key, float(value), step=int(row["epoch"]))
+            self.client.log_metric(run_id, "best_epoch", float(model.best_epoch))
+            if evaluation is not None:
+                for key, value in evaluation.metrics().items():
+                    self.client.log_metric(run_id, f"test_{key}", value)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = model.save(Path(tmp) / "model.pt")
+                self.client.log_artifact(run_id, str(path), artifact_path="model")
+            for extra in extra_artifacts:
+                self.client.log_artifact(run_id, str(extra), artifact_path="reports")
+            self.client.set_terminated(run_id, "FINISHED")
+        except BaseException:
+            self.client.set_terminated(run_id, "FAILED")
+            raise
+        self._ensure_registered()
+        version = self.client.create_model_version(
+            MODEL_NAME,
+            source=f"{run.info.artifact_uri}/model",
+            run_id=run_id,
+            tags={"dataset_id": model.dataset_id},
+        )
+        return int(version.version)
+
+    def load(self, version: int) -> TrainedModel:
+        """The model of a registered version, loaded as our class."""
+        import mlflow
+
+        record = self._version(version)
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{record.source}/model.pt",
+                dst_path=tmp,
+                tracking_uri=self.tracking_uri,
+            )
+            return load_model(local)
+
+    def load_environment(self, environment: str) -> tuple[int, TrainedModel] | None:
+        """The version holding ``environment`` and its model; None when none does."""
+        version = self.holder(environment)
+        return None if version is None else (version, self.load(version))
+
+    # -- deployment ------------------------------------------------------------------
+
+    def holder(self, environment: str) -> int | None:
+        """Version now behind ``environment``'s alias, if any."""
+        _check_environment(environment)
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.get_model_version_by_alias(MODEL_NAME, environment)
+        except MlflowException:
+            return None
+        return int(found.version)
+
+    def deploy(
+        self,
+        version: int,
+        environment: str,
+        test_data: CandidateDataset,
+        *,
+        force: bool = False,
+        who: str | None = None,
+    ) -> Deployment:
+        """Move ``environment`` to ``version`` if it beats the holder on ``test_data``.
+
+        Both are compared on the same candidates: the lower false-positive rate at a
+        miss rate of ``COMPARE_FNR`` wins, the higher AUC breaking a tie. With ``force``
+        the version is deployed whatever the comparison says.
+        """
+        _check_environment(environment)
+        self._version(version)
+        current = self.holder(environment)
+        if current == version:
+            return Deployment(environment, version, current, False, "already deployed")
+        new_eval = evaluate(
+            self.load(version).predict_proba(test_data.triplets), test_data, COMPARE_FNR
+        )
+        reason = f"v{version}: FPR {new_eval.fpr:.4f}, AUC {new_eval.auc:.4f}"
+        if current is not None:
+            old_eval = evaluate(
+                self.load(current).predict_proba(test_data.triplets), test_data, COMPARE_FNR
+            )
+            better = (new_eval.fpr, -new_eval.auc) < (old_eval.fpr, -old_eval.auc)
+            reason += f" against v{current}: FPR {old_eval.fpr:.4f}, AUC {old_eval.auc:.4f}"
+            if not better and not force:
+                return Deployment(environment, version, current, False, f"refused: {reason}")
+        self._move(environment, version, current, who, f"deployed{' (forced)' if force else ''}")
+        return Deployment(environment, version, current, True, reason)
+
+    def rollback(self, environment: str, *, who: str | None = None) -> Deployment:
+        """Give ``environment`` back to the version its current holder replaced."""
+        current = self.holder(environment)
+        if current is None:
+            raise RegistryError(f"nothing is deployed to {environment}: nothing to roll back")
+        tags = self._version(current).tags
+        previous = tags.get(f"{environment}.replaced")
+        if not previous:
+            raise RegistryError(
+                f"v{current} was the first version deployed to {environment}: there is no "
+                "earlier holder to roll back to"
+            )
+        self._move(environment, int(previous), current, who, "rolled back")
+        return Deployment(environment, int(previous), current, True, f"rolled back from v{current}")
+
+    # -- internals -------------------------------------------------------------------
+
+    def _move(
+        self, environment: str, version: int, replaced: int | None, who: str | None, what: str
+    ) -> None:
+        now = datetime.now(UTC).isoformat()
+        actor = who or getpass.getuser()
+        self.client.set_registered_model_alias(MODEL_NAME, environment, str(version))
+        if what == "rolled back":
+            # The restored version keeps whom it replaced originally; record the event.
+            self.client.set_model_version_tag(
+                MODEL_NAME, str(version), f"{environment}.restored", f"{now} by {actor}"
+            )
+        else:
+            tag = "" if replaced is None else str(replaced)
+            self.client.set_model_version_tag(
+                MODEL_NAME, str(version), f"{environment}.replaced", tag
+            )
+            self.client.set_model_version_tag(
+                MODEL_NAME, str(version), f"{environment}.deployed", f"{now} by {actor} ({what})"
+            )
+        if replaced is not None:
+            self.client.set_model_version_tag(
+                MODEL_NAME,
+                str(replaced),
+                f"{environment}.replaced_by",
+                f"v{version} at {now} ({what})",
+            )
+
+    def _version(self, version: int):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version(MODEL_NAME, str(int(version)))
+        except MlflowException:
+            raise RegistryError(f"{MODEL_NAME} has no version {version}") from None
+
+    def _experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(EXPERIMENT)
+        if found is not None:
+            return found.experiment_id
+        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+        return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+
+    def _ensure_registered(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.get_registered_model(MODEL_NAME)
+        except MlflowException:
+            self.client.create_registered_model(
+                MODEL_NAME, description="Real/bogus classifier of difference-image candidates"
+            )
+
+
+def _check_environment(environment: str) -> None:
+    if environment not in ENVIRONMENTS:
+        raise RegistryError(f"unknown environment {environment!r}; expected one of {ENVIRONMENTS}")
