@@ -81,6 +81,10 @@ class TrainConfig:
         ValueError
             Naming any key that is not a setting.
         """
+        if not isinstance(values, Mapping):
+            raise ValueError(
+                f"training settings must be a mapping of setting -> value, got {values!r}"
+            )
         model_keys = set(ModelConfig.__dataclass_fields__)
         own_keys = set(cls.__dataclass_fields__) - {"model"}
         unknown = set(values) - model_keys - own_keys
