@@ -14,6 +14,8 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from pipeline.errors import AstrError
 from pipeline.ml.data import CandidateDataset
@@ -120,6 +122,8 @@ class ModelRegistry:
         import mlflow
 
         record = self._version(version)
+        if record.source.startswith("file://"):  # a local artifact store: read it in place
+            return load_model(Path(url2pathname(urlparse(record.source).path)) / "model.pt")
         with tempfile.TemporaryDirectory() as tmp:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=f"{record.source}/model.pt",
