@@ -109,3 +109,28 @@ def _drain_prefect_workers() -> None:
         from prefect.events.worker import EventsWorker
 
         EventsWorker.drain_all(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def candidate_night():
+    """Labelled candidates from N simulated 512² pairs, built once per (N, fractions).
+
+    Runs our own preprocessing, differencing and detection (a few seconds per pair), so
+    the tests of data, training, search, registry, notebooks and flows share the work.
+    """
+    import functools
+
+    from pipeline.ml.data import simulated_dataset
+
+    @functools.cache
+    def build(n_images: int, fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)):
+        return simulated_dataset(
+            range(n_images),
+            shape=(512, 512),
+            n_stars=150,
+            n_galaxies=40,
+            n_transients=30,
+            fractions=fractions,
+        )
+
+    return build

@@ -45,7 +45,6 @@ from pipeline.flows.runtime import (
     pipeline_context,
     progress_hook,
     register_file,
-    subflows_without_heartbeats,
     utcnow,
 )
 from pipeline.flows.steps import (
@@ -66,7 +65,7 @@ from pipeline.store.storage import sha256_file
 from pipeline.types import FlowState, FlowType, ObservationStatus
 from pipeline.workflow.cancellation import CancelWatcher
 from pipeline.workflow.concurrency import observation_slot
-from pipeline.workflow.heartbeats import flow_heartbeats
+from pipeline.workflow.heartbeats import flow_heartbeats, subflows_without_heartbeats
 
 __all__ = [
     "observation_detection_flow",

@@ -40,7 +40,6 @@ __all__ = [
     "pipeline_context",
     "progress_hook",
     "register_file",
-    "subflows_without_heartbeats",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,7 +72,8 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
             # ends before a kernel can be warmed behind it on a busy machine, and with
             # two the next pipeline's second step still waited for one (0.2-0.3 s).
             # Each kernel is warmed once whatever the size, so a spare costs memory
-            # (~150 MB), not CPU; a burst beyond it falls back to cold starts.
+            # (about 200 MB resident each, measured), not CPU; a burst beyond it falls back
+            # to cold starts.
             _POOL = KernelPool(3)
         runner = _RUNNERS.get(key)
         if runner is None:
@@ -213,25 +213,6 @@ class ProgressReporter:
                 update_progress_artifact(self._artifact, percent, description=description)
         except Exception as exc:  # progress display must never fail a run
             log.debug("progress artifact not updated: %s", exc)
-
-
-@contextlib.contextmanager
-def subflows_without_heartbeats() -> Iterator[None]:
-    """Run the subflows started in this block without their own heartbeat thread.
-
-    Prefect joins a flow run's heartbeat thread when the run ends, and that thread
-    sleeps in whole seconds: up to a second per subflow, for nothing, since the
-    parent's heartbeats already show the process is alive.
-    """
-    from prefect.context import SettingsContext, get_settings_context
-    from prefect.settings import get_current_settings
-
-    settings = get_current_settings()
-    quiet = settings.model_copy(
-        update={"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})}
-    )
-    with SettingsContext(profile=get_settings_context().profile, settings=quiet):
-        yield
 
 
 def emit(event: str, observation_id: uuid.UUID | str, payload: Mapping[str, Any]) -> None:

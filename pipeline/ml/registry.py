@@ -197,36 +197,42 @@ class ModelRegistry:
                 f"v{current} was the first version deployed to {environment}: there is no "
                 "earlier holder to roll back to"
             )
-        self._move(environment, int(previous), current, who, "rolled back")
+        self._move(environment, int(previous), current, who, "rolled back", restore=True)
         return Deployment(environment, int(previous), current, True, f"rolled back from v{current}")
 
     # -- internals -------------------------------------------------------------------
 
     def _move(
-        self, environment: str, version: int, replaced: int | None, who: str | None, what: str
+        self,
+        environment: str,
+        version: int,
+        replaced: int | None,
+        who: str | None,
+        what: str,
+        *,
+        restore: bool = False,
     ) -> None:
+        """Point the alias at ``version`` and tag both versions with who did what, when.
+
+        A deployment records on the new holder whom it replaced (what ``rollback``
+        follows); a restore (``restore=True``) keeps the restored version's original
+        record and only notes the event.
+        """
         now = datetime.now(UTC).isoformat()
-        actor = who or getpass.getuser()
+        stamp = f"{now} by {who or getpass.getuser()}"
+        tags = {f"{environment}.restored": stamp}
+        if not restore:
+            tags = {
+                f"{environment}.replaced": "" if replaced is None else str(replaced),
+                f"{environment}.deployed": f"{stamp} ({what})",
+            }
         self.client.set_registered_model_alias(MODEL_NAME, environment, str(version))
-        if what == "rolled back":
-            # The restored version keeps whom it replaced originally; record the event.
-            self.client.set_model_version_tag(
-                MODEL_NAME, str(version), f"{environment}.restored", f"{now} by {actor}"
-            )
-        else:
-            tag = "" if replaced is None else str(replaced)
-            self.client.set_model_version_tag(
-                MODEL_NAME, str(version), f"{environment}.replaced", tag
-            )
-            self.client.set_model_version_tag(
-                MODEL_NAME, str(version), f"{environment}.deployed", f"{now} by {actor} ({what})"
-            )
+        for key, value in tags.items():
+            self.client.set_model_version_tag(MODEL_NAME, str(version), key, value)
         if replaced is not None:
+            note = f"v{version} at {now} ({what})"
             self.client.set_model_version_tag(
-                MODEL_NAME,
-                str(replaced),
-                f"{environment}.replaced_by",
-                f"v{version} at {now} ({what})",
+                MODEL_NAME, str(replaced), f"{environment}.replaced_by", note
             )
 
     def _version(self, version: int):

@@ -172,8 +172,12 @@ def load_model(path: str | Path) -> TrainedModel:
 
 def predict_logits(net: nn.Module, triplets: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Raw logits for raw (un-normalised) triplets, in eval mode on the net's device."""
+    return _logits(net, normalise_triplets(triplets), batch_size)
+
+
+def _logits(net: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits for already normalised triplets."""
     device = next(net.parameters()).device
-    x = normalise_triplets(triplets)
     net.eval()
     out = []
     with torch.no_grad():
@@ -217,6 +221,7 @@ def train_model(
     device = pick_device(config.device)
     net = RealBogusNet(config.model).to(device).to(memory_format=torch.channels_last)
     x_train = torch.from_numpy(normalise_triplets(train.triplets))
+    x_val = normalise_triplets(val.triplets)  # once, not every epoch
     y_train = torch.from_numpy(train.label.astype(np.float32))
     positives = float(y_train.sum())
     # Real candidates are the minority: weight them so both classes count equally.
@@ -246,7 +251,7 @@ def train_model(
             loss.backward()
             optimiser.step()
             total += float(loss.detach()) * len(index)
-        logits = predict_logits(net, val.triplets)
+        logits = _logits(net, x_val)
         val_loss = binary_nll(1.0 / (1.0 + np.exp(-logits)), val.label)
         metrics = {
             "train_loss": total / len(order),
@@ -264,7 +269,7 @@ def train_model(
 
     net.load_state_dict(best[2])
     net = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    temperature = fit_temperature(predict_logits(net, val.triplets), val.label)
+    temperature = fit_temperature(_logits(net, x_val), val.label)
     return TrainedModel(
         net=net,
         temperature=temperature,

@@ -18,7 +18,7 @@ import contextvars
 import threading
 from collections.abc import Iterator
 
-__all__ = ["HEARTBEAT_EVENT", "flow_heartbeats", "prompt_heartbeats"]
+__all__ = ["HEARTBEAT_EVENT", "flow_heartbeats", "prompt_heartbeats", "subflows_without_heartbeats"]
 
 HEARTBEAT_EVENT = "prefect.flow-run.heartbeat"
 
@@ -35,23 +35,44 @@ def prompt_heartbeats() -> Iterator[None]:
     Keeps Prefect's configured interval (``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``); when
     heartbeats are off there, this block changes nothing.
     """
+    from prefect.settings import get_current_settings
+
+    interval = get_current_settings().flows.heartbeat_frequency
+    if interval is None:
+        yield
+        return
+    token = _INTERVAL.set(interval)
+    try:
+        with _prefect_heartbeats_off():
+            yield
+    finally:
+        _INTERVAL.reset(token)
+
+
+@contextlib.contextmanager
+def subflows_without_heartbeats() -> Iterator[None]:
+    """Run the subflows started in this block without a heartbeat thread of their own.
+
+    For a parent run that keeps Prefect's heartbeats (one served by a worker): they
+    already show the process is alive, and each subflow's thread would add up to a
+    second of idle waiting when it ends.
+    """
+    with _prefect_heartbeats_off():
+        yield
+
+
+@contextlib.contextmanager
+def _prefect_heartbeats_off() -> Iterator[None]:
+    """Prefect's settings with ``flows.heartbeat_frequency`` unset, for this block."""
     from prefect.context import SettingsContext, get_settings_context
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    interval = settings.flows.heartbeat_frequency
-    if interval is None:
-        yield
-        return
     quiet = settings.model_copy(
         update={"flows": settings.flows.model_copy(update={"heartbeat_frequency": None})}
     )
-    token = _INTERVAL.set(interval)
-    try:
-        with SettingsContext(profile=get_settings_context().profile, settings=quiet):
-            yield
-    finally:
-        _INTERVAL.reset(token)
+    with SettingsContext(profile=get_settings_context().profile, settings=quiet):
+        yield
 
 
 @contextlib.contextmanager

@@ -11,7 +11,6 @@ from pipeline.flows.training import (
     model_training_flow,
     store_dataset,
 )
-from pipeline.ml.data import simulated_dataset
 from pipeline.ml.registry import ModelRegistry
 
 pytestmark = pytest.mark.integration
@@ -19,15 +18,8 @@ pytestmark = pytest.mark.integration
 SMALL = {"epochs": 3, "width": 4, "dense": 16}
 
 
-def test_train_register_and_deploy(prefect_server_url):
-    data = simulated_dataset(
-        range(4),
-        shape=(512, 512),
-        n_stars=150,
-        n_galaxies=40,
-        n_transients=30,
-        fractions=(0.5, 0.25, 0.25),
-    )
+def test_train_register_and_deploy(prefect_server_url, candidate_night):
+    data = candidate_night(4)
     dataset_id = store_dataset(data)
     trained = model_training_flow(dataset_id, SMALL)
     assert trained["model_id"] == "1" and trained["dataset_id"] == dataset_id

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.ml.data import simulated_dataset
 from pipeline.ml.metrics import binary_nll, roc_auc, roc_curve
 from pipeline.ml.model import ModelConfig, RealBogusNet, fit_temperature, normalise_triplets
 from pipeline.ml.train import TrainConfig, load_model, train_model
@@ -57,16 +56,9 @@ def test_network_shape_and_size():
 
 
 @pytest.fixture(scope="module")
-def night():
+def night(candidate_night):
     # 8 simulated 512² pairs through our own pipeline; whole images per split
-    return simulated_dataset(
-        range(8),
-        shape=(512, 512),
-        n_stars=150,
-        n_galaxies=40,
-        n_transients=30,
-        fractions=(0.6, 0.2, 0.2),
-    )
+    return candidate_night(8, (0.6, 0.2, 0.2))
 
 
 def test_training_learns_calibrates_and_round_trips(night, tmp_path):

@@ -7,7 +7,6 @@ import dataclasses
 import numpy as np
 import pytest
 
-from pipeline.ml.data import simulated_dataset
 from pipeline.ml.evaluate import evaluate
 from pipeline.ml.model import ModelConfig, RealBogusNet, seed_everything
 from pipeline.ml.registry import MODEL_NAME, ModelRegistry, RegistryError
@@ -15,15 +14,8 @@ from pipeline.ml.train import TrainConfig, train_model
 
 
 @pytest.fixture(scope="module")
-def models():
-    data = simulated_dataset(
-        range(6),
-        shape=(512, 512),
-        n_stars=150,
-        n_galaxies=40,
-        n_transients=30,
-        fractions=(0.5, 0.25, 0.25),
-    )
+def models(candidate_night):
+    data = candidate_night(6)
     config = TrainConfig(epochs=8, patience=3, batch_size=32, model=ModelConfig(width=8, dense=32))
     good = train_model(data, config)
     seed_everything(123)  # the same architecture, never trained: a worse model

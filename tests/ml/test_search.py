@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.ml.data import simulated_dataset
 from pipeline.ml.search import SearchSpaceError, run_search, validate_search_space
 
 SPACE = {
@@ -31,15 +30,8 @@ def test_malformed_search_spaces_are_named(space, message):
         validate_search_space(space)
 
 
-def test_search_runs_resumes_and_nests_trials_in_mlflow(tmp_path):
-    data = simulated_dataset(
-        range(4),
-        shape=(512, 512),
-        n_stars=150,
-        n_galaxies=40,
-        n_transients=30,
-        fractions=(0.5, 0.25, 0.25),
-    )
+def test_search_runs_resumes_and_nests_trials_in_mlflow(tmp_path, candidate_night):
+    data = candidate_night(4)
     common = {
         "storage_url": f"sqlite:///{tmp_path}/optuna.db",
         "study_name": "rb-test",

@@ -8,7 +8,7 @@ from pathlib import Path
 import papermill as pm
 import pytest
 
-from pipeline.ml.data import load_dataset, save_dataset, simulated_dataset
+from pipeline.ml.data import load_dataset, save_dataset
 from pipeline.ml.train import load_model
 
 pytestmark = pytest.mark.integration
@@ -16,15 +16,8 @@ pytestmark = pytest.mark.integration
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks" / "ml"
 
 
-def test_training_notebook_writes_a_loadable_model_and_its_evaluation(tmp_path):
-    data = simulated_dataset(
-        range(4),
-        shape=(512, 512),
-        n_stars=150,
-        n_galaxies=40,
-        n_transients=30,
-        fractions=(0.5, 0.25, 0.25),
-    )
+def test_training_notebook_writes_a_loadable_model_and_its_evaluation(tmp_path, candidate_night):
+    data = candidate_night(4)
     dataset_path = save_dataset(data, tmp_path / "data.npz")
     out = tmp_path / "out"
     pm.execute_notebook(
