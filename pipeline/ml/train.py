@@ -192,6 +192,7 @@ def train_model(
     config: TrainConfig | None = None,
     *,
     on_epoch: EpochCallback | None = None,
+    initial: TrainedModel | None = None,
 ) -> TrainedModel:
     """Train on the ``train`` split, stop early on ``validation``, calibrate on it.
 
@@ -203,11 +204,15 @@ def train_model(
     on_epoch : callable, optional
         ``on_epoch(epoch, metrics)`` after each epoch (may raise to stop, e.g. an
         Optuna pruner).
+    initial : TrainedModel, optional
+        Fine-tune: start from this model's weights instead of a fresh initialisation.
+        Its architecture (``width``, ``dense``) must match ``config.model``.
 
     Raises
     ------
     ValueError
-        If a split is empty or holds a single class.
+        If a split is empty or holds a single class, or ``initial`` has another
+        architecture.
     """
     config = config or TrainConfig()
     train, val = data.subset("train"), data.subset("validation")
@@ -219,7 +224,18 @@ def train_model(
             )
     seed_everything(config.seed)
     device = pick_device(config.device)
-    net = RealBogusNet(config.model).to(device).to(memory_format=torch.channels_last)
+    net = RealBogusNet(config.model)
+    if initial is not None:
+        ours = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        theirs = {k: tuple(v.shape) for k, v in initial.net.state_dict().items()}
+        if ours != theirs:
+            raise ValueError(
+                "cannot fine-tune: the starting model has architecture "
+                f"{initial.config.model.to_dict()}, the settings ask for "
+                f"{config.model.to_dict()}; train from scratch or use the same shape"
+            )
+        net.load_state_dict(initial.net.state_dict())
+    net = net.to(device).to(memory_format=torch.channels_last)
     x_train = torch.from_numpy(normalise_triplets(train.triplets))
     x_val = normalise_triplets(val.triplets)  # once, not every epoch
     y_train = torch.from_numpy(train.label.astype(np.float32))
