@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pipeline import __version__
+from pipeline.cli_models import register as register_model_commands
 from pipeline.config import describe, get_config
 from pipeline.errors import AstrError
 from pipeline.store import ArtifactStore, Catalogue, migrate
@@ -181,6 +182,13 @@ def worker(
 def demo(
     pairs: Annotated[int, typer.Option(min=1, max=12, help="Pairs in the simulated night.")] = 3,
     size: Annotated[int, typer.Option(min=512, max=2048, help="Image side (pixels).")] = 1024,
+    model_pairs: Annotated[
+        int,
+        typer.Option(min=3, help="Simulated 512² pairs the starter real/bogus model learns from."),
+    ] = 8,
+    model_epochs: Annotated[
+        int, typer.Option(min=1, help="Most epochs of the starter model's training.")
+    ] = 30,
     verbose: VerboseFlag = False,
 ) -> None:
     """Simulate a small night (pairs with injected transients), run it, score the result.
@@ -194,6 +202,7 @@ def demo(
 
     config = get_config()
     console.rule("astr demo")
+    _ensure_demo_model(config, pairs=model_pairs, epochs=model_epochs, verbose=verbose)
     folder = Path(config.home) / "demo"
     console.print(f"simulating {pairs} pairs of {size}x{size} pixels in {folder / 'night'}")
     night = simulate_night(folder / "night", pairs=pairs, size=size)
@@ -210,7 +219,10 @@ def demo(
     ]
     outcomes, ui = _run_with_progress(items, verbose=verbose)
     _print_outcomes(outcomes, ui)
-    table = Table(title="recovered vs injected transients (passed candidates within 2 px)")
+    table = Table(
+        title="recovered vs injected transients (candidates passing the cuts and rb_score >= "
+        "0.5, within 2 px)"
+    )
     for column in ("pair", "injected", "S/N>=7", "found S/N>=7", "found all", "other"):
         table.add_column(column)
     totals = [0, 0, 0]
@@ -242,6 +254,38 @@ def demo(
         console.print(f"reports and candidate catalogues: {folder / 'output'}/<pair>/")
     if any(o.state != "COMPLETED" for o in outcomes):
         raise typer.Exit(1)
+
+
+def _ensure_demo_model(config: Any, *, pairs: int, epochs: int, verbose: bool) -> None:
+    """Train and deploy a small real/bogus model when production has none."""
+    import os
+
+    from pipeline.ml.serving import deployed_model
+
+    served = deployed_model(
+        config.mlflow_tracking_uri, "production", cache_dir=Path(config.home) / "models"
+    )
+    if served is not None:
+        console.print(f"real/bogus model: version {served.version} (production)")
+        return
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from pipeline.flows.training import train_starter_model
+    from pipeline.workflow.prefect_server import ensure_server
+
+    ensure_server(config)
+    console.print(
+        "no real/bogus model in production yet: training a small one on simulated pairs "
+        "(once; a few minutes on two cores)"
+    )
+    with console.status("simulating pairs, labelling detections, training"):
+        result = train_starter_model(pairs=pairs, config={"epochs": epochs})
+    metrics = result["metrics"]
+    console.print(
+        f"real/bogus model: version {result['model_id']} deployed to production "
+        f"({result['candidates']} candidates; test AUC {metrics['auc']:.3f}, "
+        f"FPR {metrics['fpr']:.1%} at FNR {metrics['fnr']:.1%})"
+    )
 
 
 def _run_with_progress(
@@ -299,6 +343,13 @@ def _print_outcomes(outcomes: list[Any], ui: str) -> None:
                 f"in {outcome.seconds:.1f} s ({result['metrics']['steps_cached']} of 5 steps "
                 f"cached); {shown}"
             )
+            model = result.get("rb_model")
+            if model:
+                drift = result.get("drift") or {}
+                psi = f"; score drift PSI {drift['psi']:.3f} ({drift['level']})" if drift else ""
+                console.print(f"  rb_score:   real/bogus model v{model['version']}{psi}")
+            else:
+                console.print("  rb_score:   no real/bogus model deployed (NaN)")
             exported = result.get("exported", {})
             if "candidates" in exported:
                 console.print(f"  candidates: {exported['candidates']}")
@@ -402,3 +453,6 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
         else:
             rows.append((name, value))
     return rows
+
+
+register_model_commands(app)  # train, hpo, evaluate, deploy, rollback, retrain, models, dataset

@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from astropy.table import Table
 
 
 def _astr(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None):
@@ -27,7 +29,22 @@ def _astr(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 def test_help_lists_the_commands() -> None:
     result = _astr("--help")
     assert result.returncode == 0, result.stderr
-    for command in ("config", "store", "server", "observe", "worker", "demo"):
+    for command in (
+        "config",
+        "store",
+        "server",
+        "observe",
+        "worker",
+        "demo",
+        "train",
+        "hpo",
+        "evaluate",
+        "deploy",
+        "rollback",
+        "retrain",
+        "models",
+        "dataset",
+    ):
         assert command in result.stdout
 
 
@@ -82,6 +99,10 @@ def test_demo_runs_a_simulated_night(tmp_path: Path, prefect_server_url: str) ->
             "1",
             "--size",
             "512",
+            "--model-pairs",
+            "3",
+            "--model-epochs",
+            "3",
         ],
         capture_output=True,
         text=True,
@@ -92,6 +113,14 @@ def test_demo_runs_a_simulated_night(tmp_path: Path, prefect_server_url: str) ->
     assert result.returncode == 0, result.stdout + result.stderr
     out = " ".join(result.stdout.split())
     assert "night: recovered" in out and "transients with injected S/N >= 7" in out
+    # no model was deployed: the demo trained one first, and the night was scored with it
+    assert "real/bogus model: version 1 deployed to production" in out
+    assert "rb_score: real/bogus model v1" in out
+    table = Table.read(
+        tmp_path / ".astr" / "demo" / "output" / "pair-01" / "candidates.ecsv", format="ascii.ecsv"
+    )
+    scores = np.asarray(table["rb_score"], dtype=float)
+    assert len(scores) and np.all((scores >= 0) & (scores <= 1))
     assert (tmp_path / ".astr" / "demo" / "output" / "pair-01" / "candidates.ecsv").is_file()
     assert (
         tmp_path / ".astr" / "demo" / "output" / "pair-01" / "reports" / "validation.html"
@@ -102,3 +131,42 @@ def test_demo_runs_a_simulated_night(tmp_path: Path, prefect_server_url: str) ->
 def test_groups_without_a_command_show_help(args: list[str]) -> None:
     result = _astr(*args)
     assert "Usage" in result.stdout + result.stderr
+
+
+@pytest.mark.integration
+def test_model_commands_build_train_deploy_list_and_refuse(prefect_server_url: str) -> None:
+    env = {"ASTR_PREFECT_SERVER_URL": prefect_server_url}
+    built = _astr("dataset", "simulate", "--pairs", "3", "--size", "512", "--json", env=env)
+    assert built.returncode == 0, built.stderr
+    dataset = json.loads(built.stdout)
+    assert dataset["candidates"] == sum(sum(c.values()) for c in dataset["counts"].values())
+
+    trained = _astr(
+        "train",
+        "--dataset",
+        dataset["dataset_id"],
+        "--set",
+        "epochs=2",
+        "--set",
+        "width=4",
+        "--deploy",
+        "production",
+        "--json",
+        env=env,
+    )
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["model_id"] == "1" and result["deployment"]["deployed"]
+    listed = _astr("models", "list", "--json", env=env)
+    (version,) = json.loads(listed.stdout)
+    assert version["aliases"] == ["production"] and version["dataset_id"] == dataset["dataset_id"]
+    assert version["metrics"]["auc"] == pytest.approx(result["metrics"]["auc"])
+
+    nothing = _astr("rollback", "--env", "production", env=env)
+    assert nothing.returncode == 2 and "first version deployed" in nothing.stderr
+    unknown = _astr("train", "--dataset", "nope", env=env)
+    assert unknown.returncode == 2 and "no dataset 'nope'" in unknown.stderr
+    bad = _astr("train", "--set", "epochs", env=env)
+    assert bad.returncode == 2 and "KEY=VALUE" in bad.stderr
+    for failed in (nothing, unknown, bad):
+        assert "Traceback" not in failed.stderr

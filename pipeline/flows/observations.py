@@ -43,6 +43,7 @@ from pipeline.flows.runtime import (
     in_pipeline,
     local_copy,
     pipeline_context,
+    production_model,
     progress_hook,
     register_file,
     utcnow,
@@ -384,8 +385,9 @@ def _run_step(step: Step, observation_id: uuid.UUID | str) -> dict:
         observation = catalogue.get_observation(observation_id)
         _record_run_observation(catalogue, run_id, observation_id)
         inputs, checksums = _upstream_inputs(config, catalogue, store, observation, step)
+        model = production_model(config) if step.name == "validation" else None
         params = notebook_parameters(
-            step, inputs, observation_id=observation_id, metadata=observation.meta
+            step, inputs, observation_id=observation_id, metadata=observation.meta, model=model
         )
     except (NotFoundError, UpstreamProductError) as exc:
         _finish_run(catalogue, run_id, exc, {})
@@ -759,6 +761,8 @@ def _pipeline_summary(observation_id: uuid.UUID | None, results: dict[str, dict]
         },
         "reports": {name: r["report"] for name, r in results.items()},
         "candidates": validation.get("products", {}).get("candidates"),
+        "rb_model": validation.get("outputs", {}).get("rb_model"),
+        "drift": validation.get("outputs", {}).get("drift"),
         "metrics": {
             "candidates": metrics,
             "steps_cached": sum(r["cached"] for r in results.values()),

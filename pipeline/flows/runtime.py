@@ -89,6 +89,47 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
         return runner
 
 
+def production_model(config: WorkflowConfig) -> dict[str, Any] | None:
+    """The model behind the ``production`` alias, as validation-step parameters.
+
+    None when nothing is deployed. When the tracking store cannot be read the
+    observation still runs, unscored, with a warning in the run's log: a night's
+    candidates are not lost to a model-registry outage.
+    """
+    from pipeline.ml.serving import deployed_model
+
+    try:
+        served = deployed_model(
+            config.mlflow_tracking_uri, "production", cache_dir=Path(config.home) / "models"
+        )
+    except Exception as exc:  # any registry failure: score nothing, say why
+        _run_logger().warning(
+            "real/bogus model registry %s unreadable (%s: %s): candidates stay unscored",
+            config.mlflow_tracking_uri,
+            type(exc).__name__,
+            exc,
+        )
+        return None
+    if served is None:
+        return None
+    return {
+        "path": str(served.path),
+        "version": served.version,
+        "score_reference": list(served.score_reference or []),
+    }
+
+
+def _run_logger() -> Any:
+    """The Prefect run logger inside a run, this module's logger outside."""
+    from prefect import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
 def flow_run_id() -> str | None:
     """Id of the Prefect flow run this code runs in, if any."""
     from prefect.runtime import flow_run

@@ -275,6 +275,7 @@ def notebook_parameters(
     *,
     observation_id: uuid.UUID,
     metadata: Mapping[str, Any],
+    model: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Parameters of a step's notebook (``output_dir`` is added by the runner).
 
@@ -286,6 +287,9 @@ def notebook_parameters(
     observation_id : UUID
     metadata : mapping
         The observation's recorded metadata (overrides, catalogue path...).
+    model : mapping, optional
+        The deployed real/bogus model for the validation step: ``path``, ``version``
+        and ``score_reference`` (its training score histogram, may be None).
     """
     params: dict[str, Any] = {"observation_id": str(observation_id)}
     if step.name == "ingestion":
@@ -311,6 +315,12 @@ def notebook_parameters(
             difference_path=str(inputs["difference"]),
             catalog_path=str(inputs["catalog"]) if "catalog" in inputs else "",
         )
+        if model is not None:
+            params.update(
+                model_path=str(model["path"]),
+                model_version=str(model["version"]),
+                score_reference=list(model.get("score_reference") or []),
+            )
     else:  # pragma: no cover - STEPS is closed
         raise KeyError(step.name)
     return params

@@ -10,7 +10,9 @@ holder's tags record whom it replaced, so ``rollback`` moves the alias back in o
 from __future__ import annotations
 
 import getpass
+import json
 import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,6 +27,7 @@ from pipeline.ml.train import TrainedModel, load_model
 __all__ = [
     "ENVIRONMENTS",
     "MODEL_NAME",
+    "DatasetRecord",
     "Deployment",
     "ModelRegistry",
     "RegistryError",
@@ -50,6 +53,32 @@ class Deployment:
     replaced: int | None
     deployed: bool
     reason: str
+
+
+@dataclass(frozen=True)
+class DatasetRecord:
+    """A stored candidate dataset as MLflow shows it among a run's inputs."""
+
+    dataset_id: str
+    path: Path
+    counts: Mapping[str, Mapping[str, int]]
+
+    def as_input(self):
+        """The ``mlflow.entities.DatasetInput`` for ``log_inputs``."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        profile = json.dumps({"num_rows": sum(sum(c.values()) for c in self.counts.values())})
+        return DatasetInput(
+            Dataset(
+                name=f"candidates-{self.dataset_id}",
+                digest=self.dataset_id,
+                source_type="local",
+                source=json.dumps({"uri": self.path.resolve().as_uri()}),
+                schema=json.dumps({"counts": {k: dict(v) for k, v in self.counts.items()}}),
+                profile=profile,
+            ),
+            tags=[InputTag("mlflow.data.context", "training")],
+        )
 
 
 class ModelRegistry:
@@ -81,12 +110,37 @@ class ModelRegistry:
         evaluation: Evaluation | None = None,
         run_name: str | None = None,
         extra_artifacts: tuple[Path, ...] = (),
+        plots: tuple[Path, ...] = (),
+        dataset: DatasetRecord | None = None,
+        score_reference: Sequence[int] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> int:
-        """Log a trained model as a run and register it; returns the new version number."""
+        """Log a trained model as a run and register it; returns the new version number.
+
+        Parameters
+        ----------
+        model : TrainedModel
+        evaluation : Evaluation, optional
+            Test figures, logged as ``test_<metric>``.
+        run_name : str, optional
+        extra_artifacts : tuple of Path
+            Reports (the executed notebook's HTML), under ``reports/``.
+        plots : tuple of Path
+            Figures, under ``plots/``.
+        dataset : DatasetRecord, optional
+            The training data, logged as the run's dataset input.
+        score_reference : sequence of int, optional
+            Histogram of the model's scores on its training candidates, kept as the
+            version's ``score_histogram`` tag for the nightly drift check.
+        tags : mapping, optional
+            Extra version tags (``retrained_from``...).
+        """
         experiment_id = self._experiment_id()
         run = self.client.create_run(experiment_id, run_name=run_name)
         run_id = run.info.run_id
         try:
+            if dataset is not None:
+                self.client.log_inputs(run_id, datasets=[dataset.as_input()])
             params = {k: str(v) for k, v in model.config.to_dict().items()}
             params.update(dataset_id=model.dataset_id, temperature=f"{model.temperature:.6g}")
             for key, value in params.items():
@@ -104,6 +158,8 @@ class ModelRegistry:
                 self.client.log_artifact(run_id, str(path), artifact_path="model")
             for extra in extra_artifacts:
                 self.client.log_artifact(run_id, str(extra), artifact_path="reports")
+            for plot in plots:
+                self.client.log_artifact(run_id, str(plot), artifact_path="plots")
             self.client.set_terminated(run_id, "FINISHED")
         except BaseException:
             self.client.set_terminated(run_id, "FAILED")
@@ -113,7 +169,15 @@ class ModelRegistry:
             MODEL_NAME,
             source=f"{run.info.artifact_uri}/model",
             run_id=run_id,
-            tags={"dataset_id": model.dataset_id},
+            tags={
+                "dataset_id": model.dataset_id,
+                **(
+                    {"score_histogram": json.dumps([int(c) for c in score_reference])}
+                    if score_reference is not None
+                    else {}
+                ),
+                **dict(tags or {}),
+            },
         )
         return int(version.version)
 
@@ -136,6 +200,39 @@ class ModelRegistry:
         """The version holding ``environment`` and its model; None when none does."""
         version = self.holder(environment)
         return None if version is None else (version, self.load(version))
+
+    def versions(self) -> list[dict]:
+        """Every version, newest first: aliases, dataset, creation time, test metrics."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client.get_registered_model(MODEL_NAME)
+        except MlflowException:
+            return []
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        rows = []
+        for record in self.client.search_model_versions(f"name='{MODEL_NAME}'"):
+            metrics = self.client.get_run(record.run_id).data.metrics if record.run_id else {}
+            rows.append(
+                {
+                    "version": int(record.version),
+                    "aliases": sorted(aliases.get(str(record.version), [])),
+                    "created": datetime.fromtimestamp(
+                        record.creation_timestamp / 1000, UTC
+                    ).isoformat(timespec="seconds"),
+                    "dataset_id": record.tags.get("dataset_id", ""),
+                    "run_id": record.run_id,
+                    "metrics": {
+                        k.removeprefix("test_"): v
+                        for k, v in metrics.items()
+                        if k in ("test_auc", "test_fpr", "test_fnr", "test_ece", "test_threshold")
+                    },
+                    "tags": dict(record.tags),
+                }
+            )
+        return sorted(rows, key=lambda r: -r["version"])
 
     # -- deployment ------------------------------------------------------------------
 
@@ -234,6 +331,10 @@ class ModelRegistry:
             self.client.set_model_version_tag(
                 MODEL_NAME, str(replaced), f"{environment}.replaced_by", note
             )
+
+    def version_record(self, version: int):
+        """MLflow's ``ModelVersion`` of a version; RegistryError if there is none."""
+        return self._version(version)
 
     def _version(self, version: int):
         from mlflow.exceptions import MlflowException

@@ -29,6 +29,9 @@ class Cuts:
         has ~1; cosmic rays are sharper, extended residuals wider.
     max_elongation : float
         Largest axis ratio of the peak in D.
+    min_rb_score : float
+        Smallest real/bogus probability that passes (only where a model scored the
+        candidate; an unscored candidate, rb_score NaN, is not cut on it).
     """
 
     min_abs_snr: float = 5.0
@@ -36,6 +39,7 @@ class Cuts:
     min_fwhm_ratio: float = 0.5
     max_fwhm_ratio: float = 2.0
     max_elongation: float = 2.0
+    min_rb_score: float = 0.5
 
     def as_dict(self) -> dict:
         """Plain-data form, for reports."""
@@ -119,4 +123,6 @@ def _reasons(row: Table.Row, cuts: Cuts, psf_fwhm: float) -> list[str]:
         reasons.append("shape")
     if np.isfinite(row["elongation"]) and row["elongation"] > cuts.max_elongation:
         reasons.append("elongated")
+    if np.isfinite(row["rb_score"]) and row["rb_score"] < cuts.min_rb_score:
+        reasons.append("rb")
     return reasons

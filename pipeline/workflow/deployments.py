@@ -1,4 +1,4 @@
-"""One Prefect deployment per observation flow, served by ``astr worker``.
+"""One Prefect deployment per pipeline flow (observation and model), served by ``astr worker``.
 
 A flow started from a deployment runs in its own process under the worker, so Prefect
 can cancel it: the worker stops that process, the runner kills the notebook's kernel
@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["DEPLOYMENT_NAME", "deployment_path", "observation_deployments", "serve_flows"]
+__all__ = [
+    "DEPLOYMENT_NAME",
+    "deployment_path",
+    "model_deployments",
+    "observation_deployments",
+    "serve_flows",
+]
 
 #: Name every pipeline deployment has (``<flow name>/astr``).
 DEPLOYMENT_NAME = "astr"
@@ -24,11 +30,29 @@ def observation_deployments() -> list[Any]:
     """Deployments of the five step flows and the pipeline flow."""
     from pipeline.flows.observations import STEP_FLOWS, observation_pipeline_flow
 
-    flows = [*STEP_FLOWS.values(), observation_pipeline_flow]
+    return _deployments([*STEP_FLOWS.values(), observation_pipeline_flow], "observation")
+
+
+def model_deployments() -> list[Any]:
+    """Deployments of the model flows (training, search, evaluation, deployment...)."""
+    from pipeline.flows import training
+
+    flows = [
+        training.model_training_flow,
+        training.hyperparameter_optimization_flow,
+        training.model_evaluation_flow,
+        training.model_deployment_flow,
+        training.model_rollback_flow,
+        training.model_retraining_flow,
+    ]
+    return _deployments(flows, "model")
+
+
+def _deployments(flows: list[Any], tag: str) -> list[Any]:
     return [
         flow.to_deployment(
             name=DEPLOYMENT_NAME,
-            tags=["astr", "observation"],
+            tags=["astr", tag],
             description=(flow.description or "").strip().splitlines()[0]
             if flow.description
             else None,
@@ -41,4 +65,9 @@ def serve_flows(limit: int | None = None) -> None:
     """Serve the pipeline's deployments until interrupted (at most ``limit`` runs at once)."""
     from prefect import serve
 
-    serve(*observation_deployments(), limit=limit, print_starting_message=True)
+    serve(
+        *observation_deployments(),
+        *model_deployments(),
+        limit=limit,
+        print_starting_message=True,
+    )

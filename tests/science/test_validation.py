@@ -90,6 +90,7 @@ def test_reference_and_catalogue_matches(candidates) -> None:
         catalog=catalog,
         match_radius_arcsec=1.0,
         rb_scores=scores,
+        cuts=Cuts(min_rb_score=0.0),  # the rb cut has its own test
     )
     ref_match = np.asarray(out["ref_match"])
     assert ref_match[0] and ref_match[2] and ref_match.sum() == 2
@@ -100,6 +101,24 @@ def test_reference_and_catalogue_matches(candidates) -> None:
     assert np.array_equal(out["rb_score"], scores)
     # a match does not reject: the cuts are the same as without catalogues
     assert list(out["passed"]) == [row[-1] == "" for row in ROWS]
+
+
+def test_the_rb_cut_rejects_low_scores_and_leaves_unscored_candidates_alone(candidates) -> None:
+    table, wcs = candidates
+    scores = np.full(len(ROWS), 0.9)
+    scores[0], scores[1] = 0.49, np.nan
+    out = validate_candidates(
+        table,
+        psf_fwhm=PSF_FWHM,
+        wcs=wcs,
+        reference_sources=Table({"x": [1.0], "y": [1.0]}),
+        rb_scores=scores,
+    )
+    reasons = [str(r).split(",") if r else [] for r in out["reject_reason"]]
+    assert "rb" in reasons[0]
+    assert all("rb" not in r for r in reasons[1:])  # 0.9 passes, NaN is not cut on
+    assert not out["passed"][0]
+    assert list(out["passed"][1:]) == [row[-1] == "" for row in ROWS[1:]]
 
 
 def test_an_empty_candidate_table_validates_to_an_empty_table(candidates) -> None:

@@ -1,0 +1,109 @@
+"""How long a pruned Optuna search of the real/bogus network takes, and how much it prunes.
+
+Builds (or reads from its cache) a simulated candidate dataset, then runs a TPE search
+with the median pruner fed by each epoch's validation loss, exactly as
+``hyperparameter_optimization_flow`` does, and prints:
+
+- wall time of the whole search (target: 20 trials in at most 30 minutes on 2 cores);
+- the share of pruned trials (target: at least a third);
+- the baseline of the same process: what the search would have cost without pruning,
+  estimated as (mean epoch time) x (epochs of a complete trial) x (trials), and the ratio.
+
+Usage::
+
+    python benchmarks/realbogus_search.py                 # 20 trials
+    python benchmarks/realbogus_search.py --trials 6 --pairs 8   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pipeline.ml.data import load_dataset, save_dataset, simulated_dataset
+from pipeline.ml.search import run_search
+
+SPACE = {
+    "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+    "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
+    "width": {"type": "categorical", "choices": [8, 16, 24]},
+    "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+}
+
+
+def dataset(pairs: int, size: int, cache: Path):
+    """The simulated candidate set of ``pairs`` pairs, cached by its settings."""
+    key = hashlib.sha256(json.dumps({"pairs": pairs, "size": size}).encode()).hexdigest()[:12]
+    path = cache / f"search-{key}.npz"
+    if path.is_file():
+        return load_dataset(path)
+    began = time.perf_counter()
+    data = simulated_dataset(range(pairs), shape=(size, size))
+    save_dataset(data, path)
+    print(f"built {len(data)} candidates from {pairs} pairs in {time.perf_counter() - began:.0f} s")
+    return data
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=12, help="most epochs of a trial")
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache", type=Path, default=Path(".astr/bench/realbogus"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    data = dataset(args.pairs, args.size, args.cache)
+    print(f"dataset {data.dataset_id}: {len(data)} candidates, {json.dumps(data.counts())}")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        storage = f"sqlite:///{tmp}/optuna.db"
+        began = time.perf_counter()
+        result = run_search(
+            data,
+            SPACE,
+            storage_url=storage,
+            study_name="benchmark",
+            n_trials=args.trials,
+            base={"epochs": args.epochs},
+            seed=0,
+        )
+        wall = time.perf_counter() - began
+        import optuna
+
+        study = optuna.load_study(study_name="benchmark", storage=storage)
+    epochs_run = sum(len(t.intermediate_values) for t in study.trials)
+    per_epoch = wall / max(epochs_run, 1)
+    complete = [len(t.intermediate_values) for t in study.trials if t.state.name == "COMPLETE"]
+    full = sum(complete) / max(len(complete), 1)  # epochs of a trial nobody prunes
+    unpruned = per_epoch * full * len(study.trials)
+    pruned_share = result.n_pruned / max(len(study.trials), 1)
+    print(
+        f"trials {len(study.trials)}: complete {result.n_complete}, pruned {result.n_pruned}, "
+        f"failed {result.n_failed}"
+    )
+    print(f"best validation loss {result.best_value:.4f} with {result.best_params}")
+    verdict = "MET" if wall <= 1800 else "NOT MET"
+    if args.trials < 20:
+        verdict = f"only {args.trials} trials asked"
+    print(f"search wall time {wall / 60:.1f} min (target <= 30 min for 20 trials): {verdict}")
+    print(
+        f"pruned share {pruned_share:.0%} (target >= 33%): "
+        f"{'MET' if pruned_share >= 1 / 3 else 'NOT MET'}"
+    )
+    print(
+        f"epochs run {epochs_run}; a complete trial ran {full:.1f}; baseline without pruning "
+        f"~{unpruned / 60:.1f} min; ratio search/baseline {wall / unpruned:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
