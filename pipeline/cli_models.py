@@ -149,11 +149,11 @@ def dataset_simulate(
     Every detection becomes a triplet labelled real (an injected transient) or by its
     bogus kind; splits are by image. Prints the dataset id for `astr train`.
     """
-    from pipeline.flows.training import store_dataset
+    from pipeline.flows.training import sky_for, store_dataset
     from pipeline.ml.data import simulated_dataset
 
     with notes.status(f"running the pipeline on {pairs} simulated {size}² pairs"):
-        data = simulated_dataset(range(seed, seed + pairs), shape=(size, size))
+        data = simulated_dataset(range(seed, seed + pairs), shape=(size, size), **sky_for(size))
     dataset_id = store_dataset(data, get_config())
     result = {"dataset_id": dataset_id, "candidates": len(data), "counts": data.counts()}
     _show(result, as_json, f"dataset {dataset_id}")
@@ -319,7 +319,9 @@ def rollback(
 ) -> None:
     """Give an environment back to the version its current holder replaced."""
     from pipeline.flows.training import model_rollback_flow
+    from pipeline.ml.registry import ModelRegistry
 
+    ModelRegistry(get_config().mlflow_tracking_uri).rollback_target(env)  # names why not
     _start(verbose)
     _show(model_rollback_flow(env), as_json, "rolled back")
 

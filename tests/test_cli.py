@@ -100,7 +100,7 @@ def test_demo_runs_a_simulated_night(tmp_path: Path, prefect_server_url: str) ->
             "--size",
             "512",
             "--model-pairs",
-            "3",
+            "5",
             "--model-epochs",
             "3",
         ],

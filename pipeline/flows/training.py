@@ -39,6 +39,7 @@ __all__ = [
     "model_retraining_flow",
     "model_rollback_flow",
     "model_training_flow",
+    "sky_for",
     "store_dataset",
     "train_starter_model",
 ]
@@ -421,6 +422,20 @@ def model_retraining_flow(
     }
 
 
+def sky_for(size: int) -> dict[str, int]:
+    """Star, galaxy and transient counts of a simulated ``size``² pair.
+
+    The densities of 150 stars, 40 galaxies and 30 transients per 512² image, scaled
+    by area: enough stars for the PSF and flux-scale fits, transients on empty sky.
+    """
+    area = (size / 512) ** 2
+    return {
+        "n_stars": max(60, round(150 * area)),
+        "n_galaxies": max(10, round(40 * area)),
+        "n_transients": max(8, round(30 * area)),
+    }
+
+
 def train_starter_model(
     *,
     pairs: int = 8,
@@ -437,7 +452,9 @@ def train_starter_model(
     from pipeline.ml.data import simulated_dataset
 
     settings = get_config()
-    data = simulated_dataset(range(900, 900 + pairs), shape=(size, size))
+    data = simulated_dataset(
+        range(900, 900 + pairs), shape=(size, size), fractions=(0.6, 0.2, 0.2), **sky_for(size)
+    )
     dataset_id = store_dataset(data, settings)
     trained = model_training_flow(dataset_id, dict(config or {}))
     deployment = model_deployment_flow(trained["model_id"], environment)

@@ -282,20 +282,24 @@ class ModelRegistry:
         self._move(environment, version, current, who, f"deployed{' (forced)' if force else ''}")
         return Deployment(environment, version, current, True, reason)
 
-    def rollback(self, environment: str, *, who: str | None = None) -> Deployment:
-        """Give ``environment`` back to the version its current holder replaced."""
+    def rollback_target(self, environment: str) -> tuple[int, int]:
+        """(current holder, the version a rollback restores); RegistryError if none."""
         current = self.holder(environment)
         if current is None:
             raise RegistryError(f"nothing is deployed to {environment}: nothing to roll back")
-        tags = self._version(current).tags
-        previous = tags.get(f"{environment}.replaced")
+        previous = self._version(current).tags.get(f"{environment}.replaced")
         if not previous:
             raise RegistryError(
                 f"v{current} was the first version deployed to {environment}: there is no "
                 "earlier holder to roll back to"
             )
-        self._move(environment, int(previous), current, who, "rolled back", restore=True)
-        return Deployment(environment, int(previous), current, True, f"rolled back from v{current}")
+        return current, int(previous)
+
+    def rollback(self, environment: str, *, who: str | None = None) -> Deployment:
+        """Give ``environment`` back to the version its current holder replaced."""
+        current, previous = self.rollback_target(environment)
+        self._move(environment, previous, current, who, "rolled back", restore=True)
+        return Deployment(environment, previous, current, True, f"rolled back from v{current}")
 
     # -- internals -------------------------------------------------------------------
 
