@@ -4,7 +4,7 @@ A sample is what the pipeline itself detects: every |S_corr| peak our preprocess
 ZOGY differencing and detection find in a simulated pair, with its 63×63 science,
 reference and difference cutouts. Its label comes from what the simulator put there:
 
-- ``real``: within ``match_radius`` of an injected transient;
+- ``real``: within ``match_radius`` of an injected transient (0.6 FWHM, at least 2 px);
 - ``cosmic_ray``, ``bad_column``, ``saturated_star``: on or next to that artefact;
 - ``dipole``: flagged as a dipole (a misregistration residual of a static source);
 - ``static_residual``: on a static star or galaxy (PSF-mismatch residual, core noise);
@@ -41,8 +41,10 @@ __all__ = [
     "DatasetError",
     "assign_splits",
     "concatenate",
+    "injected_dataset",
     "label_candidates",
     "load_dataset",
+    "observing_conditions",
     "save_dataset",
     "simulated_dataset",
 ]
@@ -148,7 +150,9 @@ def label_candidates(
 
     All positions are on the reference pixel grid: candidates ``x``, ``y`` (with
     ``flags``), truth ``x_ref``, ``y_ref``, ``snr_injected``; artefacts ``kind``, ``x``,
-    ``y``, ``length`` (already mapped onto the grid); static sources ``x``, ``y``.
+    ``y``, ``length`` (already mapped onto the grid); static sources ``x``, ``y`` and
+    optionally ``reach`` (pixels; default ``2 * fwhm``: bright stars leave residual rings
+    further out).
 
     Parameters
     ----------
@@ -211,7 +215,11 @@ def label_candidates(
             x[:, None] - np.asarray(static_sources["x"])[None, :],
             y[:, None] - np.asarray(static_sources["y"])[None, :],
         )
-        near = d.min(axis=1) <= reach
+        if "reach" in static_sources.colnames:
+            source_reach = np.maximum(np.asarray(static_sources["reach"], dtype=float), reach)
+        else:
+            source_reach = np.full(len(static_sources), reach)
+        near = np.any(d <= source_reach[None, :], axis=1)
         new = near & ~decided
         kind[new] = KINDS.index("static_residual")
     return kind, injected
@@ -238,6 +246,41 @@ def assign_splits(
     return dict(zip(unique, names, strict=True))
 
 
+def observing_conditions(seed: int) -> dict[str, object]:
+    """Observing conditions of one simulated pair, drawn from ``seed``.
+
+    A survey's nights differ in seeing, PSF shape, sky, transparency, reference depth,
+    pointing and artefact load; a classifier trained on one setting learns that setting.
+    Returns ``simulate_pair`` keyword arguments: science seeing 0.8-1.8 times the
+    reference's (2.2-4.5 px), Moffat beta 2.5-4.5, science ellipticity up to 0.15, sky
+    150-800 (reference) and 200-2000 ADU (science), flux scale 0.5-1.2, reference depth
+    2-8 exposures, shifts up to 6 px and rotations up to 0.5°, PSF variation up to 15%,
+    20-120 cosmic rays, 0-3 bad columns, 1-5 saturated stars, 300-1200 stars and 80-300
+    galaxies per 1024² (scaled by area by the caller's ``shape``).
+    """
+    rng = np.random.default_rng((int(seed), 20260))
+    fwhm_reference = float(rng.uniform(2.2, 4.5))
+    return {
+        "fwhm_reference": fwhm_reference,
+        "fwhm_science": fwhm_reference * float(rng.uniform(0.8, 1.8)),
+        "beta_reference": float(rng.uniform(2.5, 4.5)),
+        "beta_science": float(rng.uniform(2.5, 4.5)),
+        "ellipticity_science": float(rng.uniform(0.0, 0.15)),
+        "sky_reference": float(rng.uniform(150.0, 800.0)),
+        "sky_science": float(rng.uniform(200.0, 2000.0)),
+        "flux_scale": float(rng.uniform(0.5, 1.2)),
+        "reference_depth": float(rng.uniform(2.0, 8.0)),
+        "shift": (float(rng.uniform(-6.0, 6.0)), float(rng.uniform(-6.0, 6.0))),
+        "rotation_deg": float(rng.uniform(-0.5, 0.5)),
+        "psf_variation": float(rng.uniform(0.0, 0.15)),
+        "cosmic_rays": int(rng.integers(20, 121)),
+        "bad_columns": int(rng.integers(0, 4)),
+        "saturated_stars": int(rng.integers(1, 6)),
+        "n_stars": int(rng.integers(300, 1201)),
+        "n_galaxies": int(rng.integers(80, 301)),
+    }
+
+
 def simulated_dataset(
     seeds: Iterable[int],
     *,
@@ -245,6 +288,7 @@ def simulated_dataset(
     cutout_size: int = 63,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     threshold: float = 5.0,
+    vary: bool = False,
     **simulation: object,
 ) -> CandidateDataset:
     """Run our preprocessing, differencing and detection on simulated pairs; label the result.
@@ -257,13 +301,17 @@ def simulated_dataset(
         Image size, stamp size and detection threshold (σ of S_corr).
     fractions : tuple of float
         Train, validation and test shares of the images.
+    vary : bool
+        Draw each pair's observing conditions from its seed (:func:`observing_conditions`;
+        source and artefact counts scaled to ``shape``); ``simulation`` overrides them.
     **simulation :
         Further ``simulate_pair`` arguments (transient S/N range, artefact counts...).
     """
     parts = []
     for seed in seeds:
+        settings = {**_scaled_conditions(seed, shape), **simulation} if vary else simulation
         try:
-            parts.append(_pair_samples(seed, shape, cutout_size, threshold, simulation))
+            parts.append(_pair_samples(seed, shape, cutout_size, threshold, settings))
         except ScienceError as exc:  # the pipeline cannot process this pair: no samples
             log.warning("simulated pair seed %d skipped: %s", seed, exc)
     if not parts:
@@ -274,36 +322,188 @@ def simulated_dataset(
     return CandidateDataset(**{**_as_dict(merged), "split": split})
 
 
+def _scaled_conditions(seed: int, shape: tuple[int, int]) -> dict[str, object]:
+    """:func:`observing_conditions` with counts scaled from 1024² to ``shape``."""
+    conditions = observing_conditions(seed)
+    area = shape[0] * shape[1] / 1024**2
+    for name in ("cosmic_rays", "n_stars", "n_galaxies"):
+        conditions[name] = max(1, round(int(conditions[name]) * area))  # type: ignore[call-overload]
+    return conditions
+
+
 def _pair_samples(
     seed: int, shape: tuple[int, int], size: int, threshold: float, simulation: dict
 ) -> CandidateDataset:
-    from pipeline.science.cutouts import cutout_triplets
-    from pipeline.science.detection import NoDetectionsWarning, detect_candidates
-    from pipeline.science.differencing import difference_pair
-    from pipeline.science.preprocessing import preprocess_pair
     from pipeline.science.simulate import simulate_pair
 
     sim = simulate_pair(shape=shape, seed=seed, **simulation)  # type: ignore[arg-type]
-    pair = preprocess_pair(sim.science, sim.reference)
+    pair, diff, candidates = _run_pipeline(sim.science, sim.reference, threshold)
+    artefacts = _on_reference_grid(sim.artefacts, sim.science.wcs, sim.reference.wcs)
+    fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
+    static = Table(
+        {
+            "x": sim.sources["x_ref"],
+            "y": sim.sources["y_ref"],
+            "reach": _residual_reach(
+                np.asarray(sim.sources["flux_sci"], dtype=float),
+                float(sim.science.meta["sigma_bkg"]),
+                fwhm,
+            ),
+        }
+    )
+    kind, injected = label_candidates(
+        candidates, sim.truth, artefacts, static, fwhm=fwhm, match_radius=_match_radius(fwhm)
+    )
+    return _samples(
+        pair, diff, candidates, kind, injected, size, f"sim-{shape[0]}x{shape[1]}-seed{seed}"
+    )
+
+
+def _match_radius(fwhm: float, least: float = 2.0) -> float:
+    """How far (pixels) a transient's detection may lie from where it was injected.
+
+    In broad seeing, and on a host whose light pulls the peak, the S_corr maximum of a
+    transient lands a few pixels off: 0.6 FWHM (at least ``least``) still picks out one
+    peak (detection keeps one per FWHM-sized box) and stops a real transient's own
+    detection being labelled bogus.
+    """
+    return max(least, 0.6 * fwhm)
+
+
+def _residual_reach(flux: np.ndarray, sigma: float, fwhm: float) -> np.ndarray:
+    """How far (pixels) a static source's subtraction residual reaches.
+
+    A few per cent of a star's light survives PSF matching; in a bright star the wings
+    carry that residual above the noise well beyond its core: ``1.5 fwhm`` per decade of
+    peak S/N, and at least ``2 fwhm``.
+    """
+    peak_snr = np.clip(flux, 0.0, None) / (1.13 * fwhm**2 * sigma)
+    return fwhm * np.maximum(2.0, 1.5 * np.log10(np.maximum(peak_snr, 1.0)))
+
+
+def _run_pipeline(science: object, reference: object, threshold: float) -> tuple:
+    """Our preprocessing, ZOGY differencing and detection of one pair."""
+    from pipeline.science.detection import NoDetectionsWarning, detect_candidates
+    from pipeline.science.differencing import difference_pair
+    from pipeline.science.preprocessing import preprocess_pair
+
+    pair = preprocess_pair(science, reference)
     diff = difference_pair(pair)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoDetectionsWarning)
         candidates = detect_candidates(diff, pair, threshold=threshold)
-    artefacts = _on_reference_grid(sim.artefacts, sim.science.wcs, sim.reference.wcs)
-    static = Table({"x": sim.sources["x_ref"], "y": sim.sources["y_ref"]})
-    fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
-    kind, injected = label_candidates(candidates, sim.truth, artefacts, static, fwhm=fwhm)
-    x, y = np.asarray(candidates["x"]), np.asarray(candidates["y"])
+    return pair, diff, candidates
+
+
+def _samples(
+    pair: object,
+    diff: object,
+    candidates: Table,
+    kind: np.ndarray,
+    injected: np.ndarray,
+    size: int,
+    image: str,
+    split: str = "train",
+) -> CandidateDataset:
+    """Cutouts and labels of one pair's candidates."""
+    from pipeline.science.cutouts import cutout_triplets
+
+    x, y = np.asarray(candidates["x"], dtype=float), np.asarray(candidates["y"], dtype=float)
     n = len(candidates)
     return CandidateDataset(
-        triplets=cutout_triplets(pair.science, pair.reference, diff.D, x, y, size=size),
+        triplets=cutout_triplets(pair.science, pair.reference, diff.D, x, y, size=size),  # type: ignore[attr-defined]
         label=(kind == KINDS.index("real")).astype(np.int8),
         kind_code=kind,
         snr=np.asarray(candidates["snr"], dtype=np.float32),
         injected_snr=injected,
-        image=np.full(n, f"sim-{shape[0]}x{shape[1]}-seed{seed}", dtype="U64"),
-        split=np.full(n, "train", dtype="U10"),
+        image=np.full(n, image, dtype="U64"),
+        split=np.full(n, split, dtype="U10"),
     )
+
+
+def injected_dataset(
+    science: object,
+    reference: object,
+    *,
+    name: str,
+    split: str = "train",
+    trials: int = 10,
+    n_fakes: int = 20,
+    snr_range: tuple[float, float] = (3.0, 100.0),
+    seed: int = 0,
+    cutout_size: int = 63,
+    threshold: float = 5.0,
+    match_radius: float = 2.0,
+    spacing: float = 18.0,
+) -> CandidateDataset:
+    """Candidates of a real pair with fake point sources injected, labelled by the fakes.
+
+    Each trial injects ``n_fakes`` point sources with the science image's own PSF (as our
+    preprocessing measures it) at random positions at least ``spacing`` pixels apart,
+    with S/N drawn log-uniformly from ``snr_range`` (background-limited PSF photometry,
+    median science noise), then runs our preprocessing, differencing and detection. A
+    candidate within ``max(match_radius, 0.6 FWHM)`` of a fake is ``real``; every other
+    one is bogus: ``dipole`` when flagged so, ``static_residual`` near a reference-image
+    source, ``noise`` otherwise. Unknown astrophysical variables in the pair are labelled bogus.
+
+    Parameters
+    ----------
+    science, reference : pipeline.science.image.Image
+        The real pair (science = one exposure, reference = e.g. a deeper stack).
+    name : str
+        The exposure's name: every candidate's ``image`` (all trials of one exposure
+        share one split, so an exposure never leaks between splits).
+    split : str
+        Split of all candidates.
+    trials, n_fakes, snr_range, seed :
+        How many injection rounds, fakes per round, their S/N range and the seed.
+    """
+    from pipeline.science.simulate import inject_fakes, snr_to_flux
+
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    base, _, _ = _run_pipeline(science, reference, threshold)
+    psf = base.psf_science.global_stamp
+    sigma = float(np.median(base.science_rms))
+    rng = np.random.default_rng(seed)
+    ny, nx = science.shape  # type: ignore[attr-defined]
+    parts = []
+    for trial in range(trials):
+        xy = _spread_positions(rng, n_fakes, nx, ny, margin=20.0, spacing=spacing)
+        snr = np.exp(rng.uniform(np.log(snr_range[0]), np.log(snr_range[1]), len(xy)))
+        faked = inject_fakes(science, psf, xy, snr_to_flux(snr, sigma, psf), seed=seed + trial)  # type: ignore[arg-type]
+        pair, diff, candidates = _run_pipeline(faked, reference, threshold)
+        world = science.wcs.pixel_to_world(xy[:, 0], xy[:, 1])  # type: ignore[attr-defined]
+        x_ref, y_ref = pair.wcs.world_to_pixel(world)
+        truth = Table({"x_ref": x_ref, "y_ref": y_ref, "snr_injected": snr})
+        fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
+        sources = pair.reference_sources
+        static = Table({"x": sources["x"], "y": sources["y"]}) if len(sources) else Table()
+        none = Table({"kind": [], "x": [], "y": [], "length": []})
+        kind, injected = label_candidates(
+            candidates,
+            truth,
+            none,
+            static,
+            fwhm=fwhm,
+            match_radius=_match_radius(fwhm, match_radius),
+        )
+        parts.append(_samples(pair, diff, candidates, kind, injected, cutout_size, name, split))
+    return concatenate(parts)
+
+
+def _spread_positions(
+    rng: np.random.Generator, n: int, nx: int, ny: int, *, margin: float, spacing: float
+) -> np.ndarray:
+    """Up to ``n`` uniform random (x, y) at least ``spacing`` apart, ``margin`` from the edges."""
+    points: list[np.ndarray] = []
+    for _ in range(200 * n):
+        if len(points) == n:
+            break
+        p = rng.uniform([margin, margin], [nx - margin, ny - margin])
+        if all(np.hypot(*(p - q)) >= spacing for q in points):
+            points.append(p)
+    return np.asarray(points).reshape(-1, 2)
 
 
 def _on_reference_grid(artefacts: Table, science_wcs: object, reference_wcs: object) -> Table:

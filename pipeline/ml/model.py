@@ -1,8 +1,9 @@
 """The real/bogus network, the input normalisation, and calibration by temperature.
 
 A compact VGG-like CNN in the spirit of ZTF's braai (Duev et al. 2019): two 3×3
-convolutions per stage, three stages, global pooling and a small dense head, about
-0.1–0.3 M parameters depending on ``width``. It reads the three 63×63 cutouts
+convolutions per stage, three stages, and a small dense head over the last feature map
+(which keeps where a feature lies: the candidate is at the centre), about 0.1–0.3 M
+parameters depending on ``width``. It reads the three 63×63 cutouts
 (science, reference, difference) as channels and returns one logit; a temperature
 fitted on validation data turns logits into calibrated probabilities.
 """
@@ -18,6 +19,8 @@ from scipy.optimize import minimize_scalar
 from torch import nn
 
 __all__ = [
+    "HEADS",
+    "STAMP",
     "ModelConfig",
     "RealBogusNet",
     "fit_temperature",
@@ -27,6 +30,12 @@ __all__ = [
 ]
 
 
+#: Heads of the network (``ModelConfig.head``).
+HEADS = ("flatten", "pool")
+#: Side of the stamps the network reads (the ``flatten`` head is sized for it).
+STAMP = 63
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape of the network.
@@ -34,16 +43,23 @@ class ModelConfig:
     Attributes
     ----------
     width : int
-        Channels of the first stage (doubled at each of the three stages).
+        Channels of the first stage (doubled at each of the three stages). 8 scores
+        over 2,000 triplets/s on 2 CPU cores; 16 is about 2.5× slower.
     dense : int
         Units of the hidden dense layer.
     dropout : float
         Dropout before the output, 0–0.9.
+    head : str
+        ``flatten``: the dense layer sees every position of the last feature map, so it
+        knows what lies at the centre (the candidate) and what around it (neighbours,
+        hosts, trails), as braai's does; ``pool``: global average pooling (where
+        features sit is lost; fewer parameters).
     """
 
-    width: int = 16
+    width: int = 8
     dense: int = 64
     dropout: float = 0.3
+    head: str = "flatten"
 
     def __post_init__(self) -> None:
         if not 1 <= self.width <= 256:
@@ -52,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"dense must be 1-4096, got {self.dense}")
         if not 0.0 <= self.dropout < 0.9:
             raise ValueError(f"dropout must be in [0, 0.9), got {self.dropout}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
 
     def to_dict(self) -> dict[str, float]:
         """Plain-dict form (for logging and for saving with the weights)."""
@@ -78,10 +96,15 @@ class RealBogusNet(nn.Module):
             )
 
         self.features = nn.Sequential(stage(3, w), stage(w, 2 * w), stage(2 * w, 4 * w))
+        if self.config.head == "flatten":
+            side = STAMP // 8  # three 2× poolings
+            reduce, inputs = nn.Identity(), 4 * w * side * side
+        else:
+            reduce, inputs = nn.AdaptiveAvgPool2d(1), 4 * w
         self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
+            reduce,
             nn.Flatten(),
-            nn.Linear(4 * w, self.config.dense),
+            nn.Linear(inputs, self.config.dense),
             nn.ReLU(inplace=True),
             nn.Dropout(self.config.dropout),
             nn.Linear(self.config.dense, 1),
@@ -92,12 +115,15 @@ class RealBogusNet(nn.Module):
         return self.head(self.features(x)).squeeze(1)
 
 
-def normalise_triplets(triplets: np.ndarray, clip: float = 50.0) -> np.ndarray:
-    """Put every cutout on a common scale: (x − median) / robust σ, then asinh.
+def normalise_triplets(triplets: np.ndarray, clip: float = 1000.0) -> np.ndarray:
+    """Put every cutout on the scale of its own noise: (x − median) / robust σ, then asinh.
 
     Each of the three stamps of a candidate is scaled by its own noise (MAD), so a
-    survey's flux units, sky level and epoch depth do not matter; the asinh keeps bright
-    cores from dominating. Masked pixels (0 in the preprocessed images) and NaN are 0.
+    survey's flux units, sky level and epoch depth do not matter and a pixel's value is
+    its significance; the asinh (linear within ±3σ, logarithmic beyond) keeps bright cores
+    from dominating while still telling a 20σ peak from a 2000σ one. The median and MAD
+    come from every other pixel in both directions (a quarter of the stamp: 4× faster,
+    a few per cent noisier). Masked pixels (0 in the preprocessed images) and NaN are 0.
 
     Parameters
     ----------
@@ -109,18 +135,20 @@ def normalise_triplets(triplets: np.ndarray, clip: float = 50.0) -> np.ndarray:
     -------
     ndarray of float32, same shape
     """
-    x = np.nan_to_num(np.asarray(triplets, dtype=np.float32), nan=0.0)
+    x = np.array(triplets, dtype=np.float32, copy=True)
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"triplets must have shape (n, 3, h, w), got {x.shape}")
-    flat = x.reshape(x.shape[0], 3, -1)
-    median = np.median(flat, axis=2, keepdims=True)
-    mad = np.median(np.abs(flat - median), axis=2, keepdims=True)
-    sigma = 1.4826 * mad
+    np.nan_to_num(x, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    sample = x[:, :, ::2, ::2].reshape(x.shape[0], 3, -1)
+    median = np.median(sample, axis=2)
+    sigma = 1.4826 * np.median(np.abs(sample - median[..., None]), axis=2)
     # A flat (masked or empty) stamp has no noise estimate: use its spread instead.
-    fallback = flat.std(axis=2, keepdims=True)
+    fallback = sample.std(axis=2)
     sigma = np.where(sigma > 0, sigma, np.where(fallback > 0, fallback, 1.0))
-    scaled = np.clip((flat - median) / sigma, -clip, clip)
-    return np.arcsinh(scaled / 3.0).astype(np.float32).reshape(x.shape)
+    x -= median[..., None, None]
+    x *= (1.0 / (3.0 * sigma))[..., None, None].astype(np.float32)
+    np.clip(x, -clip / 3.0, clip / 3.0, out=x)
+    return np.arcsinh(x, out=x)
 
 
 def seed_everything(seed: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pipeline.ml.model import (
 __all__ = ["TrainConfig", "TrainedModel", "load_model", "predict_logits", "train_model"]
 
 EpochCallback = Callable[[int, Mapping[str, float]], None]
+_SCHEDULES = ("cosine", "constant")
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,11 @@ class TrainConfig:
     seed : int
         Seeds the initial weights, the batch order and the flips.
     augment : bool
-        Random flips and 90° rotations of the whole triplet (the sky has no preferred
-        orientation).
+        A random flip and quarter turn per candidate, all three stamps alike (the sky has
+        no preferred orientation).
+    schedule : str
+        ``cosine``: the learning rate warms up linearly over the first epoch, then decays
+        along a half cosine to zero at ``epochs``; ``constant``: no schedule.
     device : str, optional
         ``cpu``, ``cuda``...; default CUDA when present.
     model : ModelConfig
@@ -59,9 +64,10 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 5
+    patience: int = 8
     seed: int = 0
     augment: bool = True
+    schedule: str = "cosine"
     device: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
 
@@ -71,6 +77,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
+        if self.schedule not in _SCHEDULES:
+            raise ValueError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -156,7 +164,8 @@ class TrainedModel:
 def load_model(path: str | Path) -> TrainedModel:
     """Read a model written by ``TrainedModel.save``."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    config = TrainConfig.from_dict(state["config"])
+    # Models saved before the head was a setting pooled globally.
+    config = TrainConfig.from_dict({"head": "pool", **state["config"]})
     net = RealBogusNet(config.model)
     net.load_state_dict(state["state_dict"])
     net.eval()
@@ -171,16 +180,28 @@ def load_model(path: str | Path) -> TrainedModel:
 
 
 def predict_logits(net: nn.Module, triplets: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Raw logits for raw (un-normalised) triplets, in eval mode on the net's device."""
-    return _logits(net, normalise_triplets(triplets), batch_size)
+    """Raw logits for raw (un-normalised) triplets, in eval mode on the net's device.
+
+    Batches are normalised one at a time (cache-sized work, no full-size temporaries)
+    and fed in ``channels_last`` layout, the fast one for CPU and GPU convolutions.
+    """
+    device = next(net.parameters()).device
+    net.eval().to(memory_format=torch.channels_last)
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(triplets), batch_size):
+            x = normalise_triplets(triplets[start : start + batch_size])
+            batch = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
+            out.append(net(batch).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def _logits(net: nn.Module, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def _logits(net: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
     """Logits for already normalised triplets."""
     device = next(net.parameters()).device
     net.eval()
     out = []
-    with torch.no_grad():
+    with torch.inference_mode():
         for start in range(0, len(x), batch_size):
             batch = torch.from_numpy(x[start : start + batch_size]).to(device)
             out.append(net(batch.contiguous(memory_format=torch.channels_last)).float().cpu())
@@ -247,6 +268,10 @@ def train_model(
         net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
     )
     generator = torch.Generator().manual_seed(config.seed)
+    steps = -(-len(x_train) // config.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, _schedule(config.schedule, steps, steps * config.epochs)
+    )
 
     history: list[dict[str, float]] = []
     best = (np.inf, 0, copy.deepcopy(net.state_dict()))
@@ -266,6 +291,7 @@ def train_model(
             loss = loss_fn(net(xb), yb)
             loss.backward()
             optimiser.step()
+            scheduler.step()
             total += float(loss.detach()) * len(index)
         logits = _logits(net, x_val)
         val_loss = binary_nll(1.0 / (1.0 + np.exp(-logits)), val.label)
@@ -296,11 +322,31 @@ def train_model(
     )
 
 
+def _schedule(name: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Learning-rate factor per optimiser step."""
+    if name == "constant":
+        return lambda step: 1.0
+
+    def cosine(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return cosine
+
+
 def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One random quarter turn and flip for the batch (all three stamps alike)."""
-    turns = int(torch.randint(0, 4, (1,), generator=generator))
-    if turns:
-        x = torch.rot90(x, turns, dims=(2, 3))
-    if bool(torch.randint(0, 2, (1,), generator=generator)):
-        x = torch.flip(x, dims=(3,))
-    return x
+    """A random element of the square's symmetry group per candidate (stamps alike)."""
+    which = torch.randint(0, 8, (len(x),), generator=generator)
+    out = torch.empty_like(x)
+    for code in range(8):
+        index = torch.nonzero(which == code).squeeze(1)
+        if len(index) == 0:
+            continue
+        part = x[index]
+        if code % 4:
+            part = torch.rot90(part, code % 4, dims=(2, 3))
+        if code >= 4:
+            part = torch.flip(part, dims=(3,))
+        out[index] = part
+    return out

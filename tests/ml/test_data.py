@@ -123,3 +123,51 @@ def test_dataset_id_round_trip_and_tamper_detection(small, tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     with pytest.raises(DatasetError, match="not a candidate dataset"):
         load_dataset(tmp_path / "junk.npz")
+
+
+def test_static_residuals_reach_further_around_bright_sources():
+    candidates = _candidates([(112.0, 100.0, 0), (312.0, 100.0, 0)])  # 12 px from each star
+    static = Table({"x": [100.0, 300.0], "y": [100.0, 100.0], "reach": [20.0, 1.0]})
+    none = Table({"kind": [], "x": [], "y": [], "length": []})
+    truth = Table({"x_ref": [900.0], "y_ref": [900.0], "snr_injected": [10.0]})
+    kind, _ = label_candidates(candidates, truth, none, static, fwhm=3.0)
+    # the bright star's ring is its residual; the faint one reaches only 2 fwhm = 6 px
+    assert [KINDS[k] for k in kind] == ["static_residual", "noise"]
+
+
+def test_observing_conditions_vary_by_seed_within_their_ranges():
+    from pipeline.ml.data import _scaled_conditions, observing_conditions
+
+    draws = [observing_conditions(seed) for seed in range(200)]
+    assert observing_conditions(3) == draws[3]  # deterministic
+    ratio = np.array([d["fwhm_science"] / d["fwhm_reference"] for d in draws])
+    assert 0.8 <= ratio.min() < 0.9 and 1.7 < ratio.max() <= 1.8
+    assert len({d["cosmic_rays"] for d in draws}) > 50
+    assert all(2.0 <= d["reference_depth"] <= 8.0 for d in draws)
+    quarter = _scaled_conditions(3, (512, 512))
+    assert quarter["n_stars"] == round(draws[3]["n_stars"] / 4)
+    assert quarter["fwhm_science"] == draws[3]["fwhm_science"]
+
+
+def test_injected_dataset_labels_fakes_in_a_real_pair():
+    from pathlib import Path
+
+    from pipeline.ml.data import injected_dataset
+    from pipeline.science.io import read_image
+
+    folder = Path(__file__).resolve().parents[1] / "data" / "decam"
+    science = read_image(folder / "DEC-OBS04a.mini.fits")
+    reference = read_image(folder / "Stack-DEC-OBS18.fits")
+    data = injected_dataset(
+        science, reference, name="decam-04a", split="test", trials=2, n_fakes=12, seed=5
+    )
+    real = data.label == 1
+    assert set(data.image) == {"decam-04a"} and set(data.split) == {"test"}
+    # bright fakes are all found (12 per trial, S/N 3-100 log-uniform: ~8 above 7 each)
+    assert np.sum(real & (data.injected_snr >= 7)) >= 12
+    assert real.sum() <= 24 and np.isfinite(data.injected_snr[real]).all()
+    assert np.all(data.injected_snr[real] >= 3) and np.isnan(data.injected_snr[~real]).all()
+    centre = data.triplets[real, 2, 30:33, 30:33].mean(axis=(1, 2))
+    assert np.all(centre > 0)  # a brightening at the centre of each real stamp
+    with pytest.raises(ValueError, match="unknown split"):
+        injected_dataset(science, reference, name="x", split="holdout")

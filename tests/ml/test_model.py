@@ -94,3 +94,58 @@ def test_bad_settings_and_single_class_splits_are_refused(night):
     only_bogus = type(night)(**{**night.__dict__, "label": np.zeros_like(night.label)})
     with pytest.raises(ValueError, match="needs real and bogus"):
         train_model(only_bogus, TrainConfig(epochs=1))
+
+
+def test_normalisation_is_significance_and_keeps_bright_peaks_apart():
+    rng = np.random.default_rng(3)
+    stamps = rng.normal(200, 7, (3, 3, 63, 63)).astype(np.float32)
+    stamps[1, 2, 31, 31] = 200 + 20 * 7  # a 20σ pixel
+    stamps[2, 2, 31, 31] = 200 + 2000 * 7  # a 2000σ pixel
+    out = normalise_triplets(stamps)
+    significance = 3 * np.sinh(out)  # undo the asinh: (x - median) / σ
+    assert np.std(significance[0]) == pytest.approx(1.0, rel=0.05)
+    assert significance[1, 2, 31, 31] == pytest.approx(20, rel=0.08)  # σ from the stamp
+    assert significance[2, 2, 31, 31] == pytest.approx(1000, rel=1e-3)  # clipped at 1000σ
+    assert out[2, 2, 31, 31] > out[1, 2, 31, 31] + 3
+
+
+def test_batched_prediction_matches_one_pass():
+    import torch
+
+    from pipeline.ml.train import _logits, predict_logits
+
+    torch.manual_seed(0)
+    net = RealBogusNet(ModelConfig(width=4, dense=8)).eval()
+    stamps = np.random.default_rng(4).normal(0, 3, (10, 3, 63, 63)).astype(np.float32)
+    whole = _logits(net, normalise_triplets(stamps), batch_size=64)
+    np.testing.assert_allclose(predict_logits(net, stamps, batch_size=3), whole, atol=1e-5)
+
+
+def test_position_aware_head_and_models_saved_before_it(tmp_path):
+    import torch
+
+    flat = RealBogusNet(ModelConfig(width=4, dense=8)).eval()
+    # the flatten head's dense layer reads every cell of the 7×7 map (where a feature
+    # lies: the candidate is at the centre); the pooled one only the channel means
+    assert flat.head[2].in_features == 4 * 4 * 7 * 7
+    pooled = RealBogusNet(ModelConfig(width=4, dense=8, head="pool")).eval()
+    assert pooled.head[2].in_features == 4 * 4
+    centre = torch.zeros(1, 3, 63, 63)
+    centre[..., 29:34, 29:34] = 3.0
+    rolled = torch.roll(centre, (8, 8), dims=(2, 3))  # whole 8-px moves keep pooled maps
+    with torch.no_grad():
+        assert float(pooled(centre)) == pytest.approx(float(pooled(rolled)), abs=1e-4)
+    with pytest.raises(ValueError, match="head"):
+        ModelConfig(head="attention")
+
+    old = {
+        "state_dict": pooled.state_dict(),
+        "temperature": 1.5,
+        "config": {"epochs": 3, "width": 4, "dense": 8, "dropout": 0.3},  # no "head" key
+        "history": [],
+        "best_epoch": 1,
+        "dataset_id": "old",
+    }
+    torch.save(old, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    assert loaded.config.model.head == "pool" and loaded.temperature == 1.5
