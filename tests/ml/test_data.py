@@ -171,3 +171,11 @@ def test_injected_dataset_labels_fakes_in_a_real_pair():
     assert np.all(centre > 0)  # a brightening at the centre of each real stamp
     with pytest.raises(ValueError, match="unknown split"):
         injected_dataset(science, reference, name="x", split="holdout")
+
+
+def test_match_radius_grows_with_the_seeing():
+    from pipeline.ml.data import _match_radius
+
+    assert _match_radius(3.0) == 2.0  # sharp images: the 2-px floor
+    assert _match_radius(7.7) == pytest.approx(4.62)  # broad seeing: 0.6 FWHM
+    assert _match_radius(3.0, least=2.5) == 2.5
