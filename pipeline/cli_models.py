@@ -352,6 +352,24 @@ def retrain(
     _show(result, as_json, f"model version {result['model_id']}")
 
 
+@models_app.command("drift")
+def models_drift(
+    since: Annotated[
+        str | None, typer.Option(help="Start of the window, ISO 8601 (default: a day ago).")
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="End of the window (default: now).")] = None,
+    env: EnvOption = "production",
+    verbose: VerboseFlag = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Score drift of the deployed model over a night (PSI against its training scores)."""
+    from pipeline.flows.drift import drift_window, score_drift_flow
+
+    drift_window(since, until)  # a bad time fails here, before any flow starts
+    _start(verbose)
+    _show(score_drift_flow(since, until, env), as_json, "score drift")
+
+
 @models_app.command("list")
 def models_list(as_json: JsonFlag = False) -> None:
     """Every version of the real/bogus model: aliases, dataset and test metrics."""

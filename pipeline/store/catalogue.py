@@ -347,6 +347,25 @@ class Catalogue:
             self._observation(session, observation_id)
             return list(session.scalars(query.order_by(Candidate.number)))
 
+    def scores_between(self, since: datetime, until: datetime) -> list[tuple[float, str | None]]:
+        """Real/bogus scores of candidates stored in [since, until), with their model.
+
+        Returns
+        -------
+        list of (rb_score, model version or None)
+            Unscored candidates (NULL rb_score) are left out.
+        """
+        query = select(Candidate.rb_score, Candidate.properties).where(
+            Candidate.created_at >= since,
+            Candidate.created_at < until,
+            Candidate.rb_score.is_not(None),
+        )
+        with self.session() as session:
+            return [
+                (float(score), (props or {}).get("rb_model") or None)
+                for score, props in session.execute(query)
+            ]
+
     # -- flow runs ------------------------------------------------------------------
 
     def record_flow_run(

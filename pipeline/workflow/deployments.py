@@ -36,8 +36,10 @@ def observation_deployments() -> list[Any]:
 def model_deployments() -> list[Any]:
     """Deployments of the model flows (training, search, evaluation, deployment...)."""
     from pipeline.flows import training
+    from pipeline.flows.drift import score_drift_flow
 
     flows = [
+        score_drift_flow,
         training.model_training_flow,
         training.hyperparameter_optimization_flow,
         training.model_evaluation_flow,

@@ -12,6 +12,7 @@ from astropy.table import Table
 
 from pipeline.config import get_config
 from pipeline.errors import AstrError
+from pipeline.flows.drift import score_drift_flow
 from pipeline.flows.observations import observation_pipeline_flow
 from pipeline.flows.training import (
     DatasetNotFoundError,
@@ -24,6 +25,7 @@ from pipeline.flows.training import (
     store_dataset,
 )
 from pipeline.ml.data import load_dataset, simulated_dataset
+from pipeline.ml.drift import score_histogram
 from pipeline.ml.evaluate import evaluate
 from pipeline.ml.registry import MODEL_NAME, ModelRegistry
 from pipeline.ml.search import SearchSpaceError
@@ -31,9 +33,10 @@ from pipeline.ml.search import SearchSpaceError
 pytestmark = pytest.mark.integration
 
 SMALL = {"epochs": 3, "width": 4, "dense": 16}
-GOOD = {"epochs": 6, "patience": 3, "width": 8, "dense": 32}
+GOOD = {"epochs": 6, "patience": 3, "width": 8, "dense": 32, "learning_rate": 2e-3, "seed": 0}
 #: One epoch at a learning rate that moves nothing: a model no better than its start.
 BAD = {"epochs": 1, "width": 2, "dense": 2, "learning_rate": 1e-7, "seed": 5}
+# (retraining starts from the old model's settings: GOOD overrides every one BAD sets)
 DECAM = Path(__file__).resolve().parents[1] / "data" / "decam"
 
 
@@ -194,12 +197,23 @@ def test_rollback_then_the_pipeline_scores_with_the_restored_model(
     assert all("rb" in str(r).split(",") for r in table["reject_reason"][low])
     assert not np.any(np.asarray(table["passed"])[low])
 
+    # the night's drift check counts exactly the candidates v1 scored, and records it on v1
+    drift = score_drift_flow()
+    assert drift["model_id"] == "1" and drift["n_scores"] == len(scores)
+    assert drift["histogram"] == score_histogram(scores).tolist()
+    run_id = _registry().client.get_model_version(MODEL_NAME, "1").run_id
+    logged = _registry().client.get_metric_history(run_id, "drift_n_scores")
+    assert [m.value for m in logged] == [float(len(scores))]
+    with pytest.raises(AstrError, match="not an ISO 8601 time"):
+        score_drift_flow(since="yesterday")
+
 
 def test_the_worker_serves_every_model_flow_with_its_parameters():
     from pipeline.workflow.deployments import model_deployments
 
     found = {d.flow_name: d for d in model_deployments()}
     assert set(found) == {
+        "score_drift",
         "model_training",
         "hyperparameter_optimization",
         "model_evaluation",
@@ -207,7 +221,7 @@ def test_the_worker_serves_every_model_flow_with_its_parameters():
         "model_rollback",
         "model_retraining",
     }
-    assert all(d.entrypoint.startswith("pipeline/flows/training.py:") for d in found.values())
+    assert all(d.entrypoint.startswith("pipeline/flows/") for d in found.values())
     # the signatures the issue fixes: what a caller of the deployments must pass
     from prefect.utilities.callables import parameter_schema
 
