@@ -139,9 +139,14 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
 
 @dataset_app.command("simulate")
 def dataset_simulate(
-    pairs: Annotated[int, typer.Option(min=3, help="Simulated pairs (images).")] = 12,
+    pairs: Annotated[int, typer.Option(min=3, help="Simulated pairs (images).")] = 24,
     size: Annotated[int, typer.Option(min=256, max=4096, help="Image side (pixels).")] = 512,
     seed: Annotated[int, typer.Option(help="Seed of the first pair (then +1...).")] = 0,
+    vary: Annotated[
+        bool,
+        typer.Option(help="Draw each pair's seeing, sky, depth and artefacts from its seed."),
+    ] = True,
+    verbose: VerboseFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Label what our pipeline detects in simulated pairs and store it as a dataset.
@@ -149,14 +154,12 @@ def dataset_simulate(
     Every detection becomes a triplet labelled real (an injected transient) or by its
     bogus kind; splits are by image. Prints the dataset id for `astr train`.
     """
-    from pipeline.flows.training import sky_for, store_dataset
-    from pipeline.ml.data import simulated_dataset
+    from pipeline.flows.training import candidate_dataset_flow
 
+    _start(verbose)
     with notes.status(f"running the pipeline on {pairs} simulated {size}² pairs"):
-        data = simulated_dataset(range(seed, seed + pairs), shape=(size, size), **sky_for(size))
-    dataset_id = store_dataset(data, get_config())
-    result = {"dataset_id": dataset_id, "candidates": len(data), "counts": data.counts()}
-    _show(result, as_json, f"dataset {dataset_id}")
+        result = candidate_dataset_flow(pairs=pairs, size=size, first_seed=seed, vary=vary)
+    _show(result, as_json, f"dataset {result['dataset_id']}")
 
 
 @dataset_app.command("list")

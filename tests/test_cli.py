@@ -136,7 +136,9 @@ def test_groups_without_a_command_show_help(args: list[str]) -> None:
 @pytest.mark.integration
 def test_model_commands_build_train_deploy_list_and_refuse(prefect_server_url: str) -> None:
     env = {"ASTR_PREFECT_SERVER_URL": prefect_server_url}
-    built = _astr("dataset", "simulate", "--pairs", "3", "--size", "512", "--json", env=env)
+    built = _astr(
+        "dataset", "simulate", "--pairs", "3", "--size", "512", "--no-vary", "--json", env=env
+    )
     assert built.returncode == 0, built.stderr
     dataset = json.loads(built.stdout)
     assert dataset["candidates"] == sum(sum(c.values()) for c in dataset["counts"].values())

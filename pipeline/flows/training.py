@@ -31,6 +31,7 @@ from pipeline.runner import NotebookResult
 __all__ = [
     "MODEL_TYPES",
     "DatasetNotFoundError",
+    "candidate_dataset_flow",
     "dataset_path",
     "hyperparameter_optimization_flow",
     "latest_dataset",
@@ -177,6 +178,55 @@ def _train(
         "metrics": evaluation.metrics(),
         "report": str(result.html_report),
         "cached": result.cached,
+    }
+
+
+@flow(name="candidate_dataset", log_prints=True)
+def candidate_dataset_flow(
+    pairs: int = 24,
+    size: int = 512,
+    first_seed: int = 0,
+    vary: bool = True,
+    real_pairs: list[dict] | None = None,
+) -> dict:
+    """Build a labelled candidate dataset (``dataset.ipynb``) and store it under its id.
+
+    Parameters
+    ----------
+    pairs, size, first_seed, vary :
+        Simulated pairs: how many, their side, the first seed, and whether each pair's
+        observing conditions are drawn from its seed.
+    real_pairs : list of dict, optional
+        Real pairs with injected fakes: ``{"science": path, "reference": path,
+        "split": "test", "trials": 10}`` each.
+    """
+    if pairs < 3 and not real_pairs:
+        raise AstrError(f"pairs must be at least 3 (one image per split), got {pairs}")
+    inputs: dict[str, Path] = {}
+    for i, spec in enumerate(real_pairs or []):
+        for key in ("science", "reference"):
+            if not isinstance(spec, Mapping) or not Path(str(spec.get(key, ""))).is_file():
+                raise AstrError(f"real_pairs[{i}][{key!r}]: not an existing FITS file: {spec!r}")
+            inputs[f"{key}{i}"] = Path(spec[key])
+    result = _run(
+        "dataset",
+        {
+            "pairs": int(pairs),
+            "size": int(size),
+            "first_seed": int(first_seed),
+            "vary": bool(vary),
+            "real_pairs": [dict(spec) for spec in real_pairs or []],
+        },
+        inputs,
+    )
+    data = load_dataset(result.output_dir / result.outputs["products"]["dataset"])
+    dataset_id = store_dataset(data, get_config())
+    get_run_logger().info("dataset %s: %d candidates", dataset_id, len(data))
+    return {
+        "dataset_id": dataset_id,
+        "candidates": len(data),
+        "counts": data.counts(),
+        "report": str(result.html_report),
     }
 
 

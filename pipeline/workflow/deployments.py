@@ -40,6 +40,7 @@ def model_deployments() -> list[Any]:
 
     flows = [
         score_drift_flow,
+        training.candidate_dataset_flow,
         training.model_training_flow,
         training.hyperparameter_optimization_flow,
         training.model_evaluation_flow,

@@ -16,6 +16,7 @@ from pipeline.flows.drift import score_drift_flow
 from pipeline.flows.observations import observation_pipeline_flow
 from pipeline.flows.training import (
     DatasetNotFoundError,
+    candidate_dataset_flow,
     hyperparameter_optimization_flow,
     model_deployment_flow,
     model_evaluation_flow,
@@ -72,6 +73,17 @@ def test_train_register_and_deploy(prefect_server_url, candidate_night):
     again = model_deployment_flow("1", "staging")
     assert not again["deployed"] and again["reason"] == "already deployed"
     assert registry.holder("staging") == 1 and registry.holder("production") is None
+
+
+def test_dataset_flow_builds_labels_and_stores_a_dataset(prefect_server_url, tmp_path):
+    built = candidate_dataset_flow(pairs=3, size=512, first_seed=10, vary=False)
+    stored = load_dataset(get_config().home / "datasets" / f"{built['dataset_id']}.npz")
+    assert stored.dataset_id == built["dataset_id"] and len(stored) == built["candidates"]
+    assert stored.counts() == built["counts"]
+    assert set(stored.split) == {"train", "validation", "test"}  # one image each
+    assert built["report"].endswith("dataset.html")
+    with pytest.raises(AstrError, match=r"real_pairs\[0\]\['science'\]"):
+        candidate_dataset_flow(real_pairs=[{"science": str(tmp_path / "no.fits")}])
 
 
 def test_unknown_dataset_and_bad_settings_fail_before_training(prefect_server_url):
@@ -214,6 +226,7 @@ def test_the_worker_serves_every_model_flow_with_its_parameters():
     found = {d.flow_name: d for d in model_deployments()}
     assert set(found) == {
         "score_drift",
+        "candidate_dataset",
         "model_training",
         "hyperparameter_optimization",
         "model_evaluation",
