@@ -50,6 +50,23 @@ def dataset(pairs: int, size: int, cache: Path):
     return data
 
 
+def subset_images(data, n: int):
+    """The candidates of ``n`` images, keeping the split shares (the first images of each)."""
+    import numpy as np
+
+    from pipeline.ml.data import CandidateDataset
+
+    keep = np.zeros(len(data), dtype=bool)
+    total = len(set(data.image.tolist()))
+    for split in ("train", "validation", "test"):
+        images = sorted(set(data.image[data.split == split].tolist()))
+        share = max(1, round(n * len(images) / total))
+        keep |= np.isin(data.image, images[:share])
+    return CandidateDataset(
+        **{name: getattr(data, name)[keep] for name in CandidateDataset.__dataclass_fields__}
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
@@ -58,10 +75,20 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cache", type=Path, default=Path(".astr/bench/realbogus"))
+    parser.add_argument(
+        "--dataset", type=Path, help="a saved dataset (.npz), e.g. realbogus.py's cached one"
+    )
+    parser.add_argument(
+        "--images", type=int, default=0, help="use only this many images of --dataset (0: all)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.cache.mkdir(parents=True, exist_ok=True)
-    data = dataset(args.pairs, args.size, args.cache)
+    data = (
+        load_dataset(args.dataset) if args.dataset else dataset(args.pairs, args.size, args.cache)
+    )
+    if args.images:
+        data = subset_images(data, args.images)
     print(f"dataset {data.dataset_id}: {len(data)} candidates, {json.dumps(data.counts())}")
 
     with tempfile.TemporaryDirectory() as tmp:

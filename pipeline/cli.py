@@ -184,8 +184,11 @@ def demo(
     size: Annotated[int, typer.Option(min=512, max=2048, help="Image side (pixels).")] = 1024,
     model_pairs: Annotated[
         int,
-        typer.Option(min=3, help="Simulated 512² pairs the starter real/bogus model learns from."),
-    ] = 8,
+        typer.Option(min=3, help="Simulated pairs the starter real/bogus model learns from."),
+    ] = 24,
+    model_size: Annotated[
+        int, typer.Option(min=512, max=2048, help="Side of those pairs (pixels).")
+    ] = 1024,
     model_epochs: Annotated[
         int, typer.Option(min=1, help="Most epochs of the starter model's training.")
     ] = 30,
@@ -202,7 +205,9 @@ def demo(
 
     config = get_config()
     console.rule("astr demo")
-    _ensure_demo_model(config, pairs=model_pairs, epochs=model_epochs, verbose=verbose)
+    _ensure_demo_model(
+        config, pairs=model_pairs, size=model_size, epochs=model_epochs, verbose=verbose
+    )
     folder = Path(config.home) / "demo"
     console.print(f"simulating {pairs} pairs of {size}x{size} pixels in {folder / 'night'}")
     night = simulate_night(folder / "night", pairs=pairs, size=size)
@@ -256,7 +261,7 @@ def demo(
         raise typer.Exit(1)
 
 
-def _ensure_demo_model(config: Any, *, pairs: int, epochs: int, verbose: bool) -> None:
+def _ensure_demo_model(config: Any, *, pairs: int, size: int, epochs: int, verbose: bool) -> None:
     """Train and deploy a small real/bogus model when production has none."""
     import os
 
@@ -275,11 +280,11 @@ def _ensure_demo_model(config: Any, *, pairs: int, epochs: int, verbose: bool) -
 
     ensure_server(config)
     console.print(
-        "no real/bogus model in production yet: training a small one on simulated pairs "
-        "(once; a few minutes on two cores)"
+        f"no real/bogus model in production yet: training one on {pairs} simulated "
+        f"{size}x{size} pairs (once; about five minutes on two cores)"
     )
     with console.status("simulating pairs, labelling detections, training"):
-        result = train_starter_model(pairs=pairs, config={"epochs": epochs})
+        result = train_starter_model(pairs=pairs, size=size, config={"epochs": epochs})
     metrics = result["metrics"]
     console.print(
         f"real/bogus model: version {result['model_id']} deployed to production "

@@ -40,7 +40,6 @@ __all__ = [
     "model_retraining_flow",
     "model_rollback_flow",
     "model_training_flow",
-    "sky_for",
     "store_dataset",
     "train_starter_model",
 ]
@@ -472,43 +471,24 @@ def model_retraining_flow(
     }
 
 
-def sky_for(size: int) -> dict[str, int]:
-    """Star, galaxy and transient counts of a simulated ``size``² pair.
-
-    The densities of 150 stars, 40 galaxies and 30 transients per 512² image, scaled
-    by area: enough stars for the PSF and flux-scale fits, transients on empty sky.
-    """
-    area = (size / 512) ** 2
-    return {
-        "n_stars": max(60, round(150 * area)),
-        "n_galaxies": max(10, round(40 * area)),
-        "n_transients": max(8, round(30 * area)),
-    }
-
-
 def train_starter_model(
     *,
-    pairs: int = 8,
-    size: int = 512,
+    pairs: int = 24,
+    size: int = 1024,
     config: Mapping[str, Any] | None = None,
     environment: str = "production",
 ) -> dict:
-    """Simulate a small dataset, train on it and deploy the model (``astr demo``).
+    """Simulate a dataset, train on it and deploy the model (``astr demo``).
 
     For a project with no model yet: the pipeline's candidates then carry a real
-    ``rb_score`` from the first night. A survey replaces it with a model trained on
-    its own data.
+    ``rb_score`` from the first night. The pairs' observing conditions vary (seeing,
+    sky, depth, artefacts), so the model has seen more than one kind of night. A
+    survey replaces it with a model trained on its own data.
     """
-    from pipeline.ml.data import simulated_dataset
-
-    settings = get_config()
-    data = simulated_dataset(
-        range(900, 900 + pairs), shape=(size, size), fractions=(0.6, 0.2, 0.2), **sky_for(size)
-    )
-    dataset_id = store_dataset(data, settings)
-    trained = model_training_flow(dataset_id, dict(config or {}))
+    built = candidate_dataset_flow(pairs=pairs, size=size, first_seed=900, vary=True)
+    trained = model_training_flow(built["dataset_id"], dict(config or {}))
     deployment = model_deployment_flow(trained["model_id"], environment)
-    return {**trained, "deployment": deployment, "candidates": len(data)}
+    return {**trained, "deployment": deployment, "candidates": built["candidates"]}
 
 
 def _deployment(outcome: Any) -> dict:
