@@ -32,7 +32,7 @@ from pipeline.ml.search import run_search
 SPACE = {
     "learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
     "weight_decay": {"type": "float", "low": 1e-6, "high": 1e-2, "log": True},
-    "width": {"type": "categorical", "choices": [8, 16, 24]},
+    "width": {"type": "categorical", "choices": [6, 8, 12]},
     "dropout": {"type": "float", "low": 0.0, "high": 0.5},
 }
 
