@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.cli_models import register as register_model_commands
+from pipeline.cli_util import flatten
 from pipeline.config import describe, get_config
 from pipeline.errors import AstrError
 from pipeline.store import ArtifactStore, Catalogue, migrate
@@ -73,7 +74,7 @@ def config_show(as_json: JsonFlag = False) -> None:
         typer.echo(json.dumps(data, indent=2))
         return
     table = Table(title=f"astr settings ({data['environment']})", show_header=False)
-    for key, value in _flatten(data):
+    for key, value in flatten(data):
         table.add_row(key, str(value))
     console.print(table)
 
@@ -94,7 +95,7 @@ def store_status(as_json: JsonFlag = False) -> None:
         typer.echo(json.dumps(status, indent=2))
         return
     table = Table(title="astr store", show_header=False)
-    for key, value in _flatten(status):
+    for key, value in flatten(status):
         table.add_row(key, str(value))
     console.print(table)
 
@@ -447,17 +448,6 @@ def _storage_round_trip(store: ArtifactStore) -> str:
     finally:
         store.delete(key)
     return "ok (write, read, sha256 verified)" if ok else "FAILED: read-back differs"
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            rows.extend(_flatten(value, f"{name}."))
-        else:
-            rows.append((name, value))
-    return rows
 
 
 register_model_commands(app)  # train, hpo, evaluate, deploy, rollback, retrain, models, dataset

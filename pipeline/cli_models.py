@@ -8,6 +8,7 @@ run also shows in Prefect's UI and in MLflow's.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,11 +17,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from pipeline.cli_util import flatten
 from pipeline.config import get_config
 
 __all__ = ["dataset_app", "models_app", "register"]
 
 console = Console()
+# MLflow announces its table creation at INFO on a fresh home: not news for the user.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 #: Progress and notes go to stderr, so ``--json`` output on stdout stays parseable.
 notes = Console(stderr=True)
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
@@ -118,20 +122,9 @@ def _show(result: dict[str, Any], as_json: bool, title: str) -> None:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
     table = Table(title=title, show_header=False)
-    for key, value in _flatten(result):
+    for key, value in flatten(result):
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     console.print(table)
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    rows: list[tuple[str, Any]] = []
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            rows.extend(_flatten(value, f"{name}."))
-        else:
-            rows.append((name, value))
-    return rows
 
 
 # -- datasets -------------------------------------------------------------------------
@@ -379,7 +372,9 @@ def models_list(as_json: JsonFlag = False) -> None:
     from pipeline.ml.registry import ModelRegistry
 
     config = get_config()
-    rows = ModelRegistry(config.mlflow_tracking_uri).versions()
+    uri = config.mlflow_tracking_uri
+    missing = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
+    rows = [] if missing else ModelRegistry(uri).versions()  # nothing created just to look
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
