@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,27 @@ def store_dataset(data: CandidateDataset, config: WorkflowConfig | None = None) 
     if not target.is_file():
         save_dataset(data, target)
     return data.dataset_id
+
+
+def _keep_dataset_file(path: Path, dataset_id: str, config: WorkflowConfig) -> Path:
+    """Put a dataset file the notebook wrote under its id, without reading it again.
+
+    Hard-linked when it can be (datasets reach a gigabyte), copied otherwise; the name
+    appears only once the file is complete. ``load_dataset`` checks the content hash
+    against the id whenever the file is read.
+    """
+    target = datasets_dir(config) / f"{dataset_id}.npz"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.part")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+    tmp.replace(target)
+    return target
 
 
 def dataset_path(dataset_id: str, config: WorkflowConfig | None = None) -> Path:
@@ -149,7 +172,6 @@ def _train(
     plots = tuple(
         result.output_dir / name for name in products.values() if str(name).endswith(".png")
     )
-    counts = load_dataset(path).counts()
     registry = _registry(settings)
     version = registry.log_model(
         model,
@@ -157,7 +179,7 @@ def _train(
         run_name=run_name,
         extra_artifacts=(result.html_report,),
         plots=plots,
-        dataset=DatasetRecord(dataset_id, path, counts),
+        dataset=DatasetRecord(dataset_id, path, outputs["counts"]),  # no second read
         score_reference=outputs.get("score_histogram"),
         tags=tags,
     )
@@ -218,13 +240,14 @@ def candidate_dataset_flow(
         },
         inputs,
     )
-    data = load_dataset(result.output_dir / result.outputs["products"]["dataset"])
-    dataset_id = store_dataset(data, get_config())
-    get_run_logger().info("dataset %s: %d candidates", dataset_id, len(data))
+    outputs = result.outputs
+    dataset_id = outputs["dataset_id"]
+    _keep_dataset_file(result.output_dir / outputs["products"]["dataset"], dataset_id, get_config())
+    get_run_logger().info("dataset %s: %d candidates", dataset_id, outputs["metrics"]["candidates"])
     return {
         "dataset_id": dataset_id,
-        "candidates": len(data),
-        "counts": data.counts(),
+        "candidates": outputs["metrics"]["candidates"],
+        "counts": outputs["counts"],
         "report": str(result.html_report),
     }
 

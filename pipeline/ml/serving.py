@@ -13,6 +13,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
@@ -92,11 +93,12 @@ def forget_served_models() -> None:
         _files.clear()
 
 
-def model_file(registry: ModelRegistry, version: int, cache_dir: Path) -> Path:
+def model_file(registry: ModelRegistry, version: int, cache_dir: Path, record: Any = None) -> Path:
     """A local ``model.pt`` of a version.
 
     Read in place from a local artifact store, else downloaded once into
-    ``cache_dir/v<version>``.
+    ``cache_dir/v<version>``. ``record`` is the version's MLflow record when the caller
+    has it already (saves a query).
 
     Raises
     ------
@@ -105,7 +107,7 @@ def model_file(registry: ModelRegistry, version: int, cache_dir: Path) -> Path:
     FileNotFoundError
         If its model file is gone.
     """
-    record = registry.version_record(version)
+    record = record or registry.version_record(version)
     if record.source.startswith("file://"):
         path = Path(url2pathname(urlparse(record.source).path)) / "model.pt"
     else:
@@ -129,9 +131,10 @@ def model_file(registry: ModelRegistry, version: int, cache_dir: Path) -> Path:
 
 
 def _fetch(registry: ModelRegistry, environment: str, version: int, cache_dir: Path) -> ServedModel:
-    path = model_file(registry, version, cache_dir)
+    record = registry.version_record(version)
+    path = model_file(registry, version, cache_dir, record)
     reference = None
-    text = registry.version_record(version).tags.get("score_histogram")
+    text = record.tags.get("score_histogram")
     if text:
         try:
             reference = tuple(int(c) for c in json.loads(text))
