@@ -27,11 +27,14 @@ class FlowType(StrEnum):
     OBSERVATION_VALIDATION = "observation_validation"
     OBSERVATION_PIPELINE = "observation_pipeline"
     OBSERVATION_BATCH = "observation_batch"
+    CANDIDATE_DATASET = "candidate_dataset"
     MODEL_TRAINING = "model_training"
     HYPERPARAMETER_OPTIMIZATION = "hyperparameter_optimization"
     MODEL_EVALUATION = "model_evaluation"
     MODEL_DEPLOYMENT = "model_deployment"
+    MODEL_ROLLBACK = "model_rollback"
     MODEL_RETRAINING = "model_retraining"
+    SCORE_DRIFT = "score_drift"
     SYSTEM_MAINTENANCE = "system_maintenance"
 
 
