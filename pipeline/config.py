@@ -5,8 +5,12 @@ before the pipeline runs. One project home directory (``./.astr`` unless ``ASTR_
 says otherwise) holds the SQLite files and the artifacts. ``ASTR_ENV`` (``dev``,
 ``test`` or ``prod``; default ``dev``) chooses the settings file, and each field can
 be overridden by ``ASTR_<FIELD>``. Secrets (API tokens, the Prefect auth string,
-object-store keys) are read from the environment only: a settings file that holds
-one is rejected.
+object-store keys, alert channel passwords and webhook URLs) are read from the
+environment only: a settings file that holds one is rejected.
+
+The ``[alerting]`` table (or ``ASTR_ALERTING`` as a JSON object) holds alert routes;
+``pipeline.workflow.alerting`` validates it. A channel names its secret
+(``password_secret = "smtp"``) and the value comes from ``ASTR_ALERT_SECRET_SMTP``.
 """
 
 from __future__ import annotations
@@ -27,15 +31,18 @@ from sqlalchemy.exc import ArgumentError
 from pipeline.errors import ConfigError
 
 __all__ = [
+    "ALERT_SECRET_PREFIX",
     "DATABASE_DRIVERS",
     "ENVIRONMENTS",
     "LOG_LEVELS",
+    "PREFECT_DATABASE_DRIVERS",
     "STORAGE_BACKENDS",
     "StorageConfig",
     "WorkflowConfig",
     "describe",
     "get_config",
     "load_config",
+    "prefect_database_url",
 ]
 
 ENVIRONMENTS = ("dev", "test", "prod")
@@ -47,6 +54,9 @@ DATABASE_DRIVERS = (
     "postgresql+psycopg2",
     "postgresql+asyncpg",
 )
+PREFECT_DATABASE_DRIVERS = ("sqlite+aiosqlite", "sqlite", "postgresql+asyncpg", "postgresql")
+"""Drivers of the Prefect server's database; it runs on asyncio, so plain names map to
+``sqlite+aiosqlite`` and ``postgresql+asyncpg``."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _PREFIX = "ASTR_"
@@ -54,6 +64,8 @@ _MASK = "****"
 # Variables that steer loading itself or carry secrets; not fields of a settings file.
 _CONTROL_VARS = ("ENV", "HOME", "CONFIG_DIR")
 _SECRET_VARS = {"API_TOKENS": "api_tokens", "PREFECT_API_AUTH_STRING": "prefect_api_auth_string"}
+#: ``ASTR_ALERT_SECRET_<NAME>`` holds the secret an alert channel names (``*_secret = "name"``).
+ALERT_SECRET_PREFIX = "ASTR_ALERT_SECRET_"
 _SECRET_WORDS = ("secret", "password", "token", "key", "credential", "auth")
 
 
@@ -111,8 +123,11 @@ class WorkflowConfig:
     mlflow_tracking_uri: str = ""
     optuna_storage_url: str = ""
     log_level: str = "INFO"
+    prefect_database_url: str = ""
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     prefect_api_auth_string: str | None = field(default=None, repr=False)
+    alerting: dict[str, Any] = field(default_factory=dict)
+    alert_secrets: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{key}={value!r}" for key, value in describe(self).items())
@@ -131,6 +146,8 @@ _DEFAULTS: dict[str, Any] = {
     "mlflow_tracking_uri": "sqlite:///{home}/mlflow.db",
     "optuna_storage_url": "sqlite:///{home}/optuna.db",
     "log_level": "INFO",
+    "alerting": {},
+    "prefect_database_url": "",
 }
 _STORAGE_DEFAULTS: dict[str, Any] = {
     "backend": "local",
@@ -222,10 +239,17 @@ def describe(config: WorkflowConfig) -> dict[str, Any]:
     """
     data = asdict(config)
     data["home"] = str(config.home)
-    for key in ("database_url", "mlflow_tracking_uri", "optuna_storage_url", "prefect_server_url"):
+    for key in (
+        "database_url",
+        "mlflow_tracking_uri",
+        "optuna_storage_url",
+        "prefect_server_url",
+        "prefect_database_url",
+    ):
         data[key] = _mask_url(data[key])
     data["api_tokens"] = [_MASK] * len(config.api_tokens)
     data["prefect_api_auth_string"] = _MASK if config.prefect_api_auth_string else None
+    data["alert_secrets"] = dict.fromkeys(config.alert_secrets, _MASK)
     data["storage_config"]["options"] = _mask_options(config.storage_config.options)
     data["storage_config"]["url"] = config.storage_config.url
     return data
@@ -256,6 +280,12 @@ def _build(
             where("optuna_storage_url"), values["optuna_storage_url"]
         ),
         "log_level": _choice(where("log_level"), str(values["log_level"]).upper(), LOG_LEVELS),
+        "alerting": _alerting_table(where("alerting"), values["alerting"], home),
+        "prefect_database_url": prefect_database_url(
+            values["prefect_database_url"], where("prefect_database_url")
+        )
+        if values["prefect_database_url"]
+        else "",
     }
     for key in _BOOL_FIELDS:
         kwargs[key] = _as_bool(where(key), values[key])
@@ -268,7 +298,52 @@ def _build(
         home=home,
         api_tokens=tokens,
         prefect_api_auth_string=env.get("ASTR_PREFECT_API_AUTH_STRING") or None,
+        alert_secrets={
+            name.removeprefix(ALERT_SECRET_PREFIX).lower(): value
+            for name, value in env.items()
+            if name.startswith(ALERT_SECRET_PREFIX) and value
+        },
     )
+
+
+def _alerting_table(where: str, value: Any, home: Path) -> dict[str, Any]:
+    """The ``[alerting]`` table: a table (or JSON object) holding no secret itself."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                f"{where} is not valid JSON ({exc.msg}): give a JSON object, e.g. "
+                '{"routes": [{"name": "team", "channels": [{"type": "log"}]}]}'
+            ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a table ([alerting]) / JSON object")
+    _reject_alert_secrets(where, value)
+    return _expand_home_deep(value, home)
+
+
+def _reject_alert_secrets(where: str, value: Any, path: str = "alerting") -> None:
+    """Alert settings may be committed: a password or token must be named, not given."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            lowered = str(key).lower()
+            if any(w in lowered for w in _SECRET_WORDS) and not lowered.endswith("_secret"):
+                raise ConfigError(
+                    f"{where}: {path}.{key} looks like a secret; put the value in "
+                    f'{ALERT_SECRET_PREFIX}<NAME> and write {key}_secret = "<name>" instead'
+                )
+            _reject_alert_secrets(where, item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _reject_alert_secrets(where, item, f"{path}[{index}]")
+
+
+def _expand_home_deep(value: Any, home: Path) -> Any:
+    if isinstance(value, dict):
+        return {key: _expand_home_deep(item, home) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_expand_home_deep(item, home) for item in value]
+    return _expand_home(value, home)
 
 
 def _build_storage(values: dict[str, Any], where: Any, base: Path) -> StorageConfig:
@@ -364,6 +439,8 @@ def _reject_unknown_variables(env: Mapping[str, str]) -> None:
     known |= {_variable_name(f"storage.{k}") for k in _STORAGE_DEFAULTS}
     known |= {_PREFIX + name for name in (*_CONTROL_VARS, *_SECRET_VARS)}
     for name in env:
+        if name.startswith(ALERT_SECRET_PREFIX):
+            continue
         if name.startswith(_PREFIX) and name not in known:
             raise ConfigError(
                 f"environment variable {name} is not a setting; known: {', '.join(sorted(known))}"
@@ -449,6 +526,63 @@ def _database_url(where: str, value: Any) -> str:
             f"{where} uses driver {url.drivername!r}; allowed: {', '.join(DATABASE_DRIVERS)}"
         )
     return str(value)
+
+
+def prefect_database_url(value: Any, where: str = "prefect database URL") -> str:
+    """Check a Prefect server database URL and give it its async driver.
+
+    Parameters
+    ----------
+    value : str
+        ``sqlite+aiosqlite:////abs/path.db``, ``sqlite:////abs/path.db``,
+        ``postgresql+asyncpg://user:password@host:port/db`` or ``postgresql://...``.
+    where : str
+        Name of the setting, for the error message.
+
+    Returns
+    -------
+    str
+        The URL with ``sqlite+aiosqlite`` or ``postgresql+asyncpg`` as its driver.
+
+    Raises
+    ------
+    ConfigError
+        If the URL does not parse, uses another driver, or lacks a database (a file path
+        for SQLite, a host and database name for PostgreSQL); the message masks the password.
+    """
+    try:
+        url = make_url(str(value))
+    except ArgumentError:
+        raise ConfigError(
+            f"{where}={_mask_url(str(value))!r} is not a database URL; give e.g. "
+            "sqlite+aiosqlite:////path/prefect.db or postgresql+asyncpg://user@host:5432/prefect"
+        ) from None
+    shown = url.render_as_string(hide_password=True)
+    if url.drivername not in PREFECT_DATABASE_DRIVERS:
+        raise ConfigError(
+            f"{where}={shown!r} uses driver {url.drivername!r}, but the Prefect server needs an "
+            f"asyncio driver; allowed: {', '.join(PREFECT_DATABASE_DRIVERS)} "
+            "(e.g. postgresql+asyncpg://user@host:5432/prefect)"
+        )
+    if url.get_backend_name() == "sqlite":
+        if not url.database or url.database == ":memory:":
+            raise ConfigError(
+                f"{where}={shown!r} names no database file; give sqlite+aiosqlite:////abs/path.db "
+                "(an in-memory database would vanish with the server)"
+            )
+        if not Path(url.database).is_absolute():
+            raise ConfigError(
+                f"{where}={shown!r} is a relative path; give an absolute one "
+                "(sqlite+aiosqlite:////abs/path.db), or leave the setting empty for SQLite "
+                "under the project home"
+            )
+        return url.set(drivername="sqlite+aiosqlite").render_as_string(hide_password=False)
+    if not url.host or not url.database:
+        raise ConfigError(
+            f"{where}={shown!r} needs a host and a database name: "
+            "postgresql+asyncpg://user:password@host:5432/prefect"
+        )
+    return url.set(drivername="postgresql+asyncpg").render_as_string(hide_password=False)
 
 
 def _tracking_uri(where: str, value: Any) -> str:

@@ -1,4 +1,4 @@
-"""The local Prefect server: start it, stop it, ask how it is, point Prefect clients at it.
+"""The Prefect server: configure it, start it, stop it, check its health, point clients at it.
 
 The server runs as ``prefect server start`` in its own process session, so it outlives
 the command that started it. Everything it owns lives under ``<home>/prefect/``:
@@ -8,6 +8,12 @@ the command that started it. Everything it owns lives under ``<home>/prefect/``:
 - ``server.json``: the state file (pid, host, port, url, started_at), written when the
   process is spawned and removed when it is stopped, so another process can stop it;
 - ``server.lock``: serialises concurrent starts and stops from the same home.
+
+Before it starts, the server can be given another database (PostgreSQL, checked and
+migrated: :meth:`PrefectServer.configure_database`), authentication from environment
+variables (:meth:`PrefectServer.setup_authentication`) and a result and artifact store
+(:meth:`PrefectServer.configure_storage`); :meth:`PrefectServer.health_check` reports
+server, database, worker and storage together.
 
 Starting is idempotent: when this home's server is already recorded, alive and answering
 on the requested port, :meth:`PrefectServer.start_server` logs that it reuses it and
@@ -37,16 +43,17 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from pipeline.config import WorkflowConfig, get_config
-from pipeline.errors import ServerError
+from pipeline.config import StorageConfig, WorkflowConfig, get_config, prefect_database_url
+from pipeline.errors import AstrError, ServerError
 from pipeline.processes import pid_alive, signal_group
+from pipeline.workflow import server_config
 
 __all__ = [
     "DEFAULT_START_TIMEOUT",
@@ -102,14 +109,16 @@ class ServerState:
 
 
 class PrefectServer:
-    """A Prefect server on SQLite whose files live under ``<home>/prefect/``.
+    """A Prefect server whose files live under ``<home>/prefect/``.
 
     Parameters
     ----------
     config : WorkflowConfig, optional
         Settings (default: :func:`pipeline.config.get_config`). ``home`` places the
         server's files; ``prefect_server_url`` gives the default host and port;
+        ``prefect_database_url`` its database (empty: SQLite under ``home``);
         ``prefect_api_auth_string``, when set, turns on the server's basic auth.
+        The ``configure_*`` and ``setup_*`` methods replace parts of it.
     start_timeout : float
         Seconds :meth:`start_server` waits for the health endpoint to answer.
     stop_timeout : float
@@ -127,13 +136,14 @@ class PrefectServer:
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
         self.directory = Path(self.config.home) / "prefect"
-        self.database_path = self.directory / "prefect.db"
         self.log_path = self.directory / "server.log"
         self.state_path = self.directory / "server.json"
         self._lock_path = self.directory / "server.lock"
         configured = urlsplit(self.config.prefect_server_url)
         self._host = configured.hostname or "127.0.0.1"
         self._port = configured.port or 4200
+        # configure_storage() before the server answers: register its block at the start.
+        self._results_pending = False
 
     # -- addresses -------------------------------------------------------------------
 
@@ -166,8 +176,211 @@ class PrefectServer:
 
     @property
     def database_url(self) -> str:
-        """SQLAlchemy URL of the server's SQLite database (async driver, as Prefect needs)."""
-        return f"sqlite+aiosqlite:///{self.database_path}"
+        """SQLAlchemy URL of the server's database (async driver, as Prefect needs).
+
+        ``config.prefect_database_url`` when set, else SQLite at ``<home>/prefect/prefect.db``.
+        """
+        if self.config.prefect_database_url:
+            return self.config.prefect_database_url
+        return f"sqlite+aiosqlite:///{self.directory / 'prefect.db'}"
+
+    @property
+    def database_path(self) -> Path | None:
+        """File of the server's SQLite database; None for PostgreSQL."""
+        url = self.database_url
+        prefix = "sqlite+aiosqlite:///"
+        return Path(url.removeprefix(prefix)) if url.startswith(prefix) else None
+
+    # -- configuration ---------------------------------------------------------------
+
+    def configure_database(self, database_url: str, *, timeout: float = 10.0) -> dict[str, Any]:
+        """Use ``database_url`` for the server: validate it, connect, migrate it.
+
+        Parameters
+        ----------
+        database_url : str
+            ``sqlite+aiosqlite:////abs/path.db`` or ``sqlite:////abs/path.db`` (SQLite), or
+            ``postgresql+asyncpg://user:password@host:5432/db`` (``postgresql://`` is read
+            as asyncpg). The PostgreSQL database must exist; Prefect creates its tables.
+        timeout : float
+            Seconds to wait for the connection.
+
+        Returns
+        -------
+        dict
+            ``url`` (password masked), ``backend``, ``revision`` (now the newest of the
+            installed Prefect), ``upgraded`` (whether migrations ran) and
+            ``restart_needed`` (a running server still uses its old database).
+
+        Raises
+        ------
+        ConfigError
+            If the URL is malformed or uses a driver other than the allowed ones.
+        ServerError
+            If the database cannot be reached within ``timeout`` or its migration fails.
+        """
+        url = prefect_database_url(database_url, "database_url")
+        path = Path(url.removeprefix("sqlite+aiosqlite:///")) if url.startswith("sqlite") else None
+        if path is not None:
+            with contextlib.suppress(OSError):  # an unusable directory is reported below
+                path.parent.mkdir(parents=True, exist_ok=True)
+        backend = "sqlite" if path is not None else "postgresql"
+        revision = server_config.database_revision(url, timeout)
+        head = server_config.head_revision(backend)
+        upgraded = revision != head
+        if upgraded:
+            server_config.upgrade_database(url, self.directory / "migrate-home")
+            revision = server_config.database_revision(url, timeout)
+            if revision != head:
+                raise ServerError(
+                    f"the Prefect database {server_config.mask_url(url)} is at revision "
+                    f"{revision} after migrating, not {head}: was it migrated by a newer Prefect?"
+                )
+        restart = self._live_state() is not None and url != self.database_url
+        self.config = dataclasses.replace(self.config, prefect_database_url=url)
+        if restart:
+            logger.warning("the running Prefect server keeps its database until it restarts")
+        return {
+            "url": server_config.mask_url(url),
+            "backend": backend,
+            "revision": revision,
+            "upgraded": upgraded,
+            "restart_needed": restart,
+        }
+
+    def setup_authentication(
+        self, auth_config: dict[str, Any], *, environ: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Turn authentication on or off, with secrets from environment variables only.
+
+        Parameters
+        ----------
+        auth_config : dict
+            ``enabled`` (default true); ``prefect_auth_string_env``: the variable holding
+            the Prefect server's basic-auth ``user:password`` (default
+            ``ASTR_PREFECT_API_AUTH_STRING``), which the server requires
+            (``PREFECT_SERVER_API_AUTH_STRING``) and clients send
+            (``PREFECT_API_AUTH_STRING``); ``api_tokens_env``: the variable holding the
+            REST API's comma-separated bearer tokens (default ``ASTR_API_TOKENS``).
+            A literal secret in the dict is refused.
+        environ : mapping, optional
+            Environment to read the variables from (default: this process's).
+
+        Returns
+        -------
+        dict
+            What is now on and where it came from (no secrets), and ``restart_needed``.
+
+        Raises
+        ------
+        ConfigError
+            See :func:`pipeline.workflow.server_config.resolve_auth`.
+        """
+        auth = server_config.resolve_auth(auth_config, os.environ if environ is None else environ)
+        before = self.config.prefect_api_auth_string
+        self.config = dataclasses.replace(
+            self.config,
+            authentication_enabled=auth.enabled,
+            prefect_api_auth_string=auth.prefect_auth_string,
+            api_tokens=auth.api_tokens,
+        )
+        restart = self._live_state() is not None and before != auth.prefect_auth_string
+        return {**auth.describe(), "restart_needed": restart}
+
+    def configure_storage(self, storage_config: StorageConfig) -> dict[str, Any]:
+        """Keep artifacts and Prefect's flow results in ``storage_config``, after checking it.
+
+        The store must pass a write, read, checksum and delete round trip. Flow results
+        go to ``<store>/prefect-results`` through a filesystem block named
+        ``astr-results`` made the server's default result storage, so every client and
+        worker persists there; it is registered now if the server answers, else when
+        :meth:`start_server` starts it.
+
+        Parameters
+        ----------
+        storage_config : StorageConfig
+            Local directory or S3 bucket (credentials from ``AWS_*`` variables).
+
+        Returns
+        -------
+        dict
+            ``url``, ``check`` (what the round trip verified), ``results`` (where flow
+            results go) and ``registered`` (whether the server already has the block).
+
+        Raises
+        ------
+        StorageError
+            If the round trip fails; the message names the store and what to check.
+        ServerError
+            If the running server refuses the block.
+        """
+        check = server_config.storage_round_trip(storage_config)
+        self.config = dataclasses.replace(self.config, storage_config=storage_config)
+        registered = self.is_healthy(self._client_url())
+        if registered:
+            self._register_result_storage(self._client_url())
+        self._results_pending = not registered
+        return {
+            "url": storage_config.url,
+            "check": check,
+            "results": server_config.result_storage_url(storage_config),
+            "registered": registered,
+        }
+
+    def client_environment(self) -> dict[str, str]:
+        """Variables that point a worker or the REST API at this server, with its secrets.
+
+        Returns
+        -------
+        dict
+            ``PREFECT_API_URL``, the ``ASTR_*`` settings this object changed (database,
+            storage, authentication) and, when set, ``PREFECT_API_AUTH_STRING``,
+            ``ASTR_PREFECT_API_AUTH_STRING`` and ``ASTR_API_TOKENS``. Meant for a child
+            process's environment, never for a file or a log.
+        """
+        config = self.config
+        storage = config.storage_config
+        env = {
+            "PREFECT_API_URL": self._client_url(),
+            "ASTR_PREFECT_SERVER_URL": self._client_url(),
+            "ASTR_AUTHENTICATION_ENABLED": "true" if config.authentication_enabled else "false",
+            "ASTR_PREFECT_DATABASE_URL": config.prefect_database_url,
+            "ASTR_STORAGE_BACKEND": storage.backend,
+        }
+        if storage.backend == "s3":
+            env["ASTR_STORAGE_ROOT"] = storage.url
+        else:
+            env["ASTR_STORAGE_ROOT"] = storage.root
+        env["ASTR_STORAGE_OPTIONS"] = json.dumps(storage.options)
+        if config.prefect_api_auth_string:
+            env["PREFECT_API_AUTH_STRING"] = config.prefect_api_auth_string
+            env["ASTR_PREFECT_API_AUTH_STRING"] = config.prefect_api_auth_string
+        if config.api_tokens:
+            env["ASTR_API_TOKENS"] = ",".join(config.api_tokens)
+        return env
+
+    def _client_url(self) -> str:
+        """The recorded server's URL, else the configured one (a server started elsewhere)."""
+        state = self._read_state()
+        return state.url if state else self.config.prefect_server_url
+
+    def _register_result_storage(self, url: str) -> None:
+        """Save the ``astr-results`` block on the server and make it the default result storage."""
+        from prefect.client.orchestration import get_client
+
+        block = server_config.result_storage_block(self.config.storage_config)
+        try:
+            with using_server(url, self.config.prefect_api_auth_string):
+                block_id = block.save(server_config.RESULT_STORAGE_BLOCK, overwrite=True)
+                with get_client(sync_client=True) as client:
+                    client.update_server_default_result_storage(block_id)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise ServerError(
+                f"the Prefect server at {url} did not accept the result storage block "
+                f"{server_config.RESULT_STORAGE_BLOCK!r}: {exc}"
+            ) from None
+        self._results_pending = False
+        logger.info("flow results go to %s", block.basepath)
 
     # -- start -----------------------------------------------------------------------
 
@@ -260,6 +473,8 @@ class PrefectServer:
             self.state_path.unlink(missing_ok=True)
             raise
         logger.info("Prefect server started at %s (pid %d)", url, process.pid)
+        if self._results_pending:
+            self._register_result_storage(url)
 
     def server_environment(self, host: str, port: int) -> dict[str, str]:
         """Environment of the server process: this one's, plus the server's own settings.
@@ -272,7 +487,7 @@ class PrefectServer:
         Returns
         -------
         dict
-            ``PREFECT_HOME``, the SQLite connection URL, analytics off, host and port,
+            ``PREFECT_HOME``, the database's connection URL, analytics off, host and port,
             ``PREFECT_API_URL`` (the UI's API address) and, when configured, the
             basic-auth string.
         """
@@ -373,10 +588,139 @@ class PrefectServer:
             "started_at": state.started_at if state else None,
             "version": self._server_version(url) if healthy else None,
             "prefect_version": _installed_prefect_version(),
-            "database": str(self.database_path),
+            "database": str(self.database_path or server_config.mask_url(self.database_url)),
             "log": str(self.log_path),
             "state_file": str(self.state_path),
         }
+
+    def health_check(self, *, timeout: float = 5.0) -> dict[str, Any]:
+        """Check the server, its database, the worker and the storage; never raises.
+
+        Parameters
+        ----------
+        timeout : float
+            Seconds each network check may wait.
+
+        Returns
+        -------
+        dict
+            ``ok`` (all four parts ok), ``checked_at`` and one dict per part, each with
+            its own ``ok`` and ``error`` (None or what to do):
+
+            - ``server``: ``url``, ``reachable``, ``version``, ``database_ready`` (the
+              server reaches its database);
+            - ``database``: ``url`` (password masked), ``backend``, ``reachable``,
+              ``revision``, ``head`` (newest migration of the installed Prefect),
+              ``migrated``;
+            - ``worker``: deployments named ``astr``, how many are READY (polled by a
+              running ``astr worker``), ``not_ready``, ``last_polled``;
+            - ``storage``: ``url``, ``check`` (round trip) and ``results`` (the server's
+              default result storage block, if any).
+        """
+        url = self._client_url()
+        server = self._server_health(url, timeout)
+        parts = {
+            "server": server,
+            "database": self._database_health(timeout),
+            "worker": self._worker_health(url) if server["ok"] else _skipped("server"),
+            "storage": self._storage_health(url if server["ok"] else None, timeout),
+        }
+        return {
+            "ok": all(part["ok"] for part in parts.values()),
+            "checked_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            **parts,
+        }
+
+    def _server_health(self, url: str, timeout: float) -> dict[str, Any]:
+        auth = self.config.prefect_api_auth_string
+        health: dict[str, Any] = {
+            "ok": False,
+            "url": url,
+            "reachable": is_healthy(url, timeout=timeout, auth_string=auth),
+            "version": None,
+            "database_ready": None,
+            "error": None,
+        }
+        if not health["reachable"]:
+            health["error"] = f"nothing answers at {url}/health: run `astr server start`"
+            return health
+        try:
+            status, version = server_config.api_request(
+                f"{url}/admin/version", auth_string=auth, timeout=timeout
+            )
+            ready, _ = server_config.api_request(f"{url}/ready", auth_string=auth, timeout=timeout)
+        except OSError as exc:
+            health["error"] = f"the server stopped answering: {exc}"
+            return health
+        if status == 401:
+            health["error"] = (
+                "the server refused our credentials (HTTP 401): set ASTR_PREFECT_API_AUTH_STRING "
+                "to its auth string"
+            )
+            return health
+        health["version"] = version if status == 200 else None
+        health["database_ready"] = ready == 200
+        health["ok"] = status == 200 and ready == 200
+        if not health["ok"]:
+            health["error"] = f"version answered HTTP {status}, readiness HTTP {ready}"
+        return health
+
+    def _database_health(self, timeout: float) -> dict[str, Any]:
+        url = self.database_url
+        backend = "sqlite" if url.startswith("sqlite") else "postgresql"
+        health: dict[str, Any] = {
+            "ok": False,
+            "url": server_config.mask_url(url),
+            "backend": backend,
+            "reachable": False,
+            "revision": None,
+            "head": None,
+            "migrated": False,
+            "error": None,
+        }
+        try:
+            health["head"] = server_config.head_revision(backend)
+            health["revision"] = server_config.database_revision(url, timeout)
+        except ServerError as exc:
+            health["error"] = str(exc)
+            return health
+        health["reachable"] = True
+        health["migrated"] = health["revision"] == health["head"]
+        health["ok"] = health["migrated"]
+        if not health["migrated"]:
+            health["error"] = (
+                f"the database is at revision {health['revision']}, not {health['head']}: "
+                "start the server (it migrates) or run `prefect server database upgrade`"
+            )
+        return health
+
+    def _worker_health(self, url: str) -> dict[str, Any]:
+        from pipeline.workflow.deployments import DEPLOYMENT_NAME
+
+        try:
+            return server_config.worker_state(
+                url, DEPLOYMENT_NAME, self.config.prefect_api_auth_string
+            )
+        except OSError as exc:
+            return {**_skipped("server"), "error": f"listing deployments failed: {exc}"}
+
+    def _storage_health(self, url: str | None, timeout: float) -> dict[str, Any]:
+        storage = self.config.storage_config
+        health: dict[str, Any] = {"ok": False, "url": storage.url, "check": None, "results": None}
+        try:
+            health["check"] = server_config.storage_round_trip(storage)
+        except AstrError as exc:
+            return {**health, "error": str(exc)}
+        if url is not None:
+            with contextlib.suppress(OSError):
+                status, body = server_config.api_request(
+                    f"{url}/admin/storage",
+                    auth_string=self.config.prefect_api_auth_string,
+                    timeout=timeout,
+                )
+                if status == 200 and isinstance(body, dict):
+                    health["results"] = body.get("default_result_storage_block_id")
+        return {**health, "ok": True, "error": None}
 
     def is_healthy(self, url: str | None = None) -> bool:
         """Whether ``url`` (default: this server's) answers the health check."""
@@ -735,6 +1079,10 @@ def _wait_gone(pid: int, seconds: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+def _skipped(needed: str) -> dict[str, Any]:
+    return {"ok": False, "error": f"not checked: the {needed} is not healthy"}
 
 
 def _installed_prefect_version() -> str | None:
