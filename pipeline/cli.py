@@ -179,6 +179,35 @@ def worker(
     serve_flows(limit=limit or config.max_concurrent_flows)
 
 
+@app.command("api")
+def api(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8080,
+) -> None:
+    """Serve the REST API: start, watch, cancel and retry flows over HTTP.
+
+    Flows started here run in an `astr worker` process against the same Prefect server.
+    Listening beyond this machine needs authentication (ASTR_AUTHENTICATION_ENABLED=true
+    and tokens in ASTR_API_TOKENS).
+    """
+    import uvicorn
+
+    from pipeline.api import create_app
+    from pipeline.workflow.prefect_server import ensure_server, is_loopback
+
+    config = get_config()
+    if not is_loopback(host) and not config.authentication_enabled:
+        raise AstrError(
+            f"refusing to serve the API on {host} without authentication: set "
+            "ASTR_AUTHENTICATION_ENABLED=true and tokens in ASTR_API_TOKENS, or listen on "
+            "127.0.0.1"
+        )
+    url, how = ensure_server(config)
+    application = create_app(config)
+    console.print(f"API on http://{host}:{port} for the Prefect server at {url} ({how})")
+    uvicorn.run(application, host=host, port=port, log_level=config.log_level.lower())
+
+
 @app.command("demo")
 def demo(
     pairs: Annotated[int, typer.Option(min=1, max=12, help="Pairs in the simulated night.")] = 3,
@@ -387,9 +416,16 @@ def server_start(
 ) -> None:
     """Start the Prefect server in the background (SQLite under the project home).
 
+    A configured ASTR_PREFECT_DATABASE_URL (e.g. PostgreSQL) is checked and migrated
+    first; with authentication_enabled the server requires ASTR_PREFECT_API_AUTH_STRING.
     If this home's server already runs there, it is left as it is.
     """
-    server = PrefectServer(get_config())
+    config = get_config()
+    server = PrefectServer(config)
+    if config.prefect_database_url:
+        server.configure_database(config.prefect_database_url)
+    if config.authentication_enabled:
+        server.setup_authentication({"enabled": True})
     already = server.status()
     server.start_server(host, port, allow_remote=allow_remote, timeout=timeout)
     status = server.status()
@@ -420,6 +456,31 @@ def server_status(as_json: JsonFlag = False) -> None:
     for key, value in status.items():
         table.add_row(key, str(value))
     console.print(table)
+
+
+@server_app.command("health")
+def server_health(
+    as_json: JsonFlag = False,
+    timeout: Annotated[float, typer.Option(help="Seconds each network check may wait.")] = 5.0,
+) -> None:
+    """Check the Prefect server, its database, the worker and the storage; exit 1 if not ok."""
+    report = PrefectServer(get_config()).health_check(timeout=timeout)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+    else:
+        table = Table(title="astr server health")
+        for column in ("part", "state", "details"):
+            table.add_column(column)
+        for part in ("server", "database", "worker", "storage"):
+            state = report[part]
+            details = {k: v for k, v in state.items() if k not in ("ok", "error") and v is not None}
+            text = ", ".join(f"{k}={v}" for k, v in details.items())
+            if state.get("error"):
+                text = f"{state['error']}" + (f" ({text})" if text else "")
+            table.add_row(part, "ok" if state["ok"] else "[red]FAILED[/]", text)
+        console.print(table)
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 def _store_status() -> dict[str, Any]:

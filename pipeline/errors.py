@@ -5,6 +5,7 @@ __all__ = [
     "BandMismatchError",
     "CatalogueError",
     "ConfigError",
+    "ConflictError",
     "EmptyImageError",
     "FlowStepError",
     "FootprintError",
@@ -20,6 +21,7 @@ __all__ = [
     "NotebookError",
     "NotebookTimeoutError",
     "ObservationDataError",
+    "ParameterError",
     "ScienceError",
     "ServerError",
     "StorageError",
@@ -135,3 +137,24 @@ class UpstreamProductError(FlowStepError):
 
 class ObservationDataError(AstrError, ValueError):
     """``observation_data`` is malformed: an unknown key, a missing path, a bad value."""
+
+
+class ParameterError(AstrError, ValueError):
+    """The parameters given to start a flow are malformed.
+
+    Parameters
+    ----------
+    errors : list of (location, message)
+        One entry per bad field; a location is the path to it, e.g.
+        ``("observation_data", "science_path")``.
+    """
+
+    def __init__(self, errors: list[tuple[tuple[str, ...], str]]) -> None:
+        self.errors = list(errors)
+        super().__init__(
+            "; ".join(f"{'.'.join(loc) or 'body'}: {message}" for loc, message in self.errors)
+        )
+
+
+class ConflictError(AstrError):
+    """The request cannot be done in the run's present state (cancel a finished run...)."""

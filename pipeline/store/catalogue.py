@@ -438,19 +438,56 @@ class Catalogue:
         until: datetime | None = None,
         limit: int = 100,
         offset: int = 0,
+        top_level: bool = False,
     ) -> list[FlowRun]:
-        """Flow runs, newest first, filtered by type, status and creation time."""
-        query = select(FlowRun).order_by(FlowRun.created_at.desc(), FlowRun.id)
-        if flow_type is not None:
-            query = query.where(FlowRun.flow_type == FlowType(flow_type).value)
-        if status is not None:
-            query = query.where(FlowRun.status == FlowState(status).value)
-        if since is not None:
-            query = query.where(FlowRun.created_at >= since)
-        if until is not None:
-            query = query.where(FlowRun.created_at < until)
+        """Flow runs, newest first, filtered by type, status and creation time.
+
+        ``top_level`` leaves out subflow runs (those with a parent run).
+        """
+        query = _flow_run_filter(
+            select(FlowRun), flow_type, status, since, until, top_level=top_level
+        ).order_by(FlowRun.created_at.desc(), FlowRun.id)
         with self.session() as session:
             return list(session.scalars(query.limit(limit).offset(offset)))
+
+    def count_flow_runs(
+        self,
+        *,
+        flow_type: FlowType | None = None,
+        status: FlowState | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        top_level: bool = False,
+    ) -> int:
+        """How many flow runs :meth:`list_flow_runs` would find without a limit."""
+        query = _flow_run_filter(
+            select(func.count()).select_from(FlowRun),
+            flow_type,
+            status,
+            since,
+            until,
+            top_level=top_level,
+        )
+        with self.session() as session:
+            return int(session.scalar(query) or 0)
+
+    def flow_run_totals(self) -> dict[tuple[str, str], int]:
+        """Number of flow runs per (flow type, status)."""
+        query = select(FlowRun.flow_type, FlowRun.status, func.count()).group_by(
+            FlowRun.flow_type, FlowRun.status
+        )
+        with self.session() as session:
+            return {(kind, status): int(n) for kind, status, n in session.execute(query)}
+
+    def child_flow_runs(self, parent_id: uuid.UUID | str) -> list[FlowRun]:
+        """The subflow runs a flow run started, oldest first (one level down)."""
+        query = (
+            select(FlowRun)
+            .where(FlowRun.parent_id == _uuid(parent_id))
+            .order_by(FlowRun.created_at, FlowRun.id)
+        )
+        with self.session() as session:
+            return list(session.scalars(query))
 
     # -- summary --------------------------------------------------------------------
 
@@ -474,6 +511,28 @@ class Catalogue:
         if observation is None:
             raise NotFoundError(f"no observation {observation_id} in the catalogue")
         return observation
+
+
+def _flow_run_filter(
+    query: Any,
+    flow_type: FlowType | None,
+    status: FlowState | None,
+    since: datetime | None,
+    until: datetime | None,
+    *,
+    top_level: bool,
+) -> Any:
+    if flow_type is not None:
+        query = query.where(FlowRun.flow_type == FlowType(flow_type).value)
+    if status is not None:
+        query = query.where(FlowRun.status == FlowState(status).value)
+    if since is not None:
+        query = query.where(FlowRun.created_at >= since)
+    if until is not None:
+        query = query.where(FlowRun.created_at < until)
+    if top_level:
+        query = query.where(FlowRun.parent_id.is_(None))
+    return query
 
 
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:

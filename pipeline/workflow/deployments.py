@@ -13,8 +13,11 @@ __all__ = [
     "DEPLOYMENT_NAME",
     "deployment_path",
     "model_deployments",
+    "model_flows",
     "observation_deployments",
+    "observation_flows",
     "serve_flows",
+    "served_flows",
 ]
 
 #: Name every pipeline deployment has (``<flow name>/astr``).
@@ -26,19 +29,19 @@ def deployment_path(flow_name: str) -> str:
     return f"{flow_name}/{DEPLOYMENT_NAME}"
 
 
-def observation_deployments() -> list[Any]:
-    """Deployments of the five step flows and the pipeline flow."""
+def observation_flows() -> list[Any]:
+    """The five step flows and the pipeline flow."""
     from pipeline.flows.observations import STEP_FLOWS, observation_pipeline_flow
 
-    return _deployments([*STEP_FLOWS.values(), observation_pipeline_flow], "observation")
+    return [*STEP_FLOWS.values(), observation_pipeline_flow]
 
 
-def model_deployments() -> list[Any]:
-    """Deployments of the model flows (training, search, evaluation, deployment...)."""
+def model_flows() -> list[Any]:
+    """The model flows (dataset, training, search, evaluation, deployment, drift...)."""
     from pipeline.flows import training
     from pipeline.flows.drift import score_drift_flow
 
-    flows = [
+    return [
         score_drift_flow,
         training.candidate_dataset_flow,
         training.model_training_flow,
@@ -48,7 +51,21 @@ def model_deployments() -> list[Any]:
         training.model_rollback_flow,
         training.model_retraining_flow,
     ]
-    return _deployments(flows, "model")
+
+
+def served_flows() -> dict[str, Any]:
+    """Every flow ``astr worker`` serves, by flow name (``observation_pipeline``...)."""
+    return {flow.name: flow for flow in [*observation_flows(), *model_flows()]}
+
+
+def observation_deployments() -> list[Any]:
+    """Deployments of the five step flows and the pipeline flow."""
+    return _deployments(observation_flows(), "observation")
+
+
+def model_deployments() -> list[Any]:
+    """Deployments of the model flows (training, search, evaluation, deployment...)."""
+    return _deployments(model_flows(), "model")
 
 
 def _deployments(flows: list[Any], tag: str) -> list[Any]:

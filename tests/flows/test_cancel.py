@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from procs import alive, kernels_under
 
 from pipeline.config import get_config
 from pipeline.errors import NotFoundError
@@ -21,42 +22,6 @@ from pipeline.workflow.status import get_flow_status
 pytestmark = pytest.mark.integration
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "decam"
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process we can see."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if fields[0] == "Z":
-            continue
-        found[int(entry.name)] = (int(fields[1]), cmdline)
-    return found
-
-
-def _kernels_under(root: int) -> set[int]:
-    procs = _processes()
-    kernels = set()
-    for pid, (_, cmdline) in procs.items():
-        if "ipykernel" not in cmdline:
-            continue
-        parent = pid
-        while parent in procs and parent != root and parent > 1:
-            parent = procs[parent][0]
-        if parent == root:
-            kernels.add(pid)
-    return kernels
-
-
-def _alive(pid: int) -> bool:
-    return pid in _processes()
 
 
 def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
@@ -106,14 +71,14 @@ def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
                 except NotFoundError:
                     record = None
                 step = (record.current_step or "") if record else ""
-                kernels = _kernels_under(worker.pid)
+                kernels = kernels_under(worker.pid)
                 if kernels and step.startswith(("preprocessing: cell", "differencing: cell")):
                     break
                 time.sleep(0.05)
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(run.id, Cancelling(message="cancelled by the test"))
             cancelled_at = time.monotonic()
-            while any(_alive(pid) for pid in kernels) and time.monotonic() - cancelled_at < 5:
+            while any(alive(pid) for pid in kernels) and time.monotonic() - cancelled_at < 5:
                 time.sleep(0.05)
             print(
                 "KERNELS GONE AFTER",
@@ -121,8 +86,8 @@ def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
                 kernels,
                 (tmp_path / "worker.log").read_text()[-3000:],
             )
-            assert not any(_alive(pid) for pid in kernels), "a kernel outlived the cancel by 5 s"
-            assert not _kernels_under(worker.pid)
+            assert not any(alive(pid) for pid in kernels), "a kernel outlived the cancel by 5 s"
+            assert not kernels_under(worker.pid)
             deadline = time.monotonic() + 60
             while not client.read_flow_run(run.id).state.is_cancelled():
                 assert time.monotonic() < deadline, client.read_flow_run(run.id).state

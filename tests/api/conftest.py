@@ -1,0 +1,92 @@
+"""A real API process and a real worker against the session's Prefect server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from apistack import TOKENS, ApiStack
+
+# Flows the worker must serve before a test starts runs (the slowest to register last).
+_DEPLOYED = ("observation_pipeline/astr", "score_drift/astr")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-c", "from pipeline.cli import main; main()", *args],
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def api_stack(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
+    """``astr worker`` and ``astr api`` (tokens required) sharing one project home."""
+    from prefect.client.orchestration import get_client
+
+    root = tmp_path_factory.mktemp("api-stack")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ASTR_")}
+    env.update(
+        ASTR_HOME=str(root / "home"),
+        ASTR_PREFECT_SERVER_URL=prefect_server,
+        ASTR_AUTHENTICATION_ENABLED="true",
+        ASTR_API_TOKENS=",".join(TOKENS),
+        ASTR_ALERTING_ENABLED="false",
+        PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING",
+    )
+    port = _free_port()
+    worker = _spawn(["worker"], env, root / "worker.log")
+    api = _spawn(["api", "--port", str(port)], env, root / "api.log")
+    stack = ApiStack(f"http://127.0.0.1:{port}", root / "home", TOKENS[0], worker.pid, root)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert worker.poll() is None and api.poll() is None, stack.tail()
+            assert time.monotonic() < deadline, "the API or the worker did not come up\n" + (
+                stack.tail()
+            )
+            try:
+                healthy = httpx.get(f"{stack.url}/health", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                healthy = False
+            if healthy:
+                with get_client(sync_client=True) as client:
+                    try:
+                        for name in _DEPLOYED:
+                            client.read_deployment_by_name(name)
+                        break
+                    except Exception:
+                        pass
+            time.sleep(0.5)
+        yield stack
+    finally:
+        _stop(api)
+        _stop(worker)
