@@ -688,9 +688,10 @@ class PrefectServer:
         health["migrated"] = health["revision"] == health["head"]
         health["ok"] = health["migrated"]
         if not health["migrated"]:
+            found = f"revision {health['revision']}" if health["revision"] else "no Prefect tables"
             health["error"] = (
-                f"the database is at revision {health['revision']}, not {health['head']}: "
-                "start the server (it migrates) or run `prefect server database upgrade`"
+                f"the database has {found}, not revision {health['head']}: start the server "
+                "(it migrates its database) or run `astr server start` once"
             )
         return health
 

@@ -105,7 +105,8 @@ def database_revision(url: str, timeout: float = 10.0) -> str | None:
     Returns
     -------
     str or None
-        The ``alembic_version`` of the database; None when it has no Prefect tables yet.
+        The ``alembic_version`` of the database; None when it has no Prefect tables yet
+        (or, for SQLite, no file yet).
 
     Raises
     ------
@@ -139,7 +140,10 @@ def _unreachable(url: str, exc: BaseException) -> str:
 def _sqlite_revision(path: Path, timeout: float) -> str | None:
     if not path.parent.is_dir():
         raise FileNotFoundError(f"directory {path.parent} does not exist")
-    with contextlib.closing(sqlite3.connect(path, timeout=timeout)) as connection:
+    if not path.exists():
+        return None  # a new database: Prefect's migrations create it
+    uri = f"{path.as_uri()}?mode=rw"  # never create a file just by looking
+    with contextlib.closing(sqlite3.connect(uri, timeout=timeout, uri=True)) as connection:
         try:
             row = connection.execute("SELECT version_num FROM alembic_version").fetchone()
         except sqlite3.OperationalError as exc:
