@@ -21,7 +21,17 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
 
-__all__ = ["Base", "Candidate", "FlowRun", "Observation", "Product", "UTCDateTime"]
+__all__ = [
+    "Alert",
+    "AlertDelivery",
+    "AlertRoute",
+    "Base",
+    "Candidate",
+    "FlowRun",
+    "Observation",
+    "Product",
+    "UTCDateTime",
+]
 
 
 def utcnow() -> datetime:
@@ -151,3 +161,64 @@ class FlowRun(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column()
     ended_at: Mapped[datetime | None] = mapped_column()
+
+
+class Alert(Base):
+    """One failure condition (a flow type and an error fingerprint) and who was told of it.
+
+    Repeats of the same failure within the dedup window count here instead of
+    making new alerts; ``level`` is the index of the route it has escalated to.
+    """
+
+    __tablename__ = "alerts"
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid.uuid4)
+    flow_type: Mapped[str] = mapped_column(String(64), index=True)
+    fingerprint: Mapped[str] = mapped_column(String(64), index=True)
+    severity: Mapped[str] = mapped_column(String(16))
+    # open, acknowledged or resolved
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    title: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    error_type: Mapped[str | None] = mapped_column(String(200))
+    count: Mapped[int] = mapped_column(Integer, default=1)
+    level: Mapped[int] = mapped_column(Integer, default=0)
+    # Ids of the flow runs that failed this way and the times they did (the latest few).
+    flow_run_ids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    occurrences: Mapped[list[str]] = mapped_column(JSON, default=list)
+    first_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    last_seen: Mapped[datetime] = mapped_column(default=utcnow)
+    notified_at: Mapped[datetime | None] = mapped_column()
+    escalated_at: Mapped[datetime | None] = mapped_column()
+    acknowledged_at: Mapped[datetime | None] = mapped_column()
+    acknowledged_by: Mapped[str | None] = mapped_column(String(200))
+
+
+class AlertDelivery(Base):
+    """One notification of an alert to one route: sent, failed or throttled."""
+
+    __tablename__ = "alert_deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alert_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("alerts.id", ondelete="CASCADE"), index=True
+    )
+    route: Mapped[str] = mapped_column(String(200), index=True)
+    level: Mapped[int] = mapped_column(Integer)
+    # new, repeat (escalation after repeated failures) or unacknowledged
+    reason: Mapped[str] = mapped_column(String(32))
+    # pending, sent, failed or throttled
+    status: Mapped[str] = mapped_column(String(16))
+    # Per channel: "sent" or the error it gave.
+    channels: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class AlertRoute(Base):
+    """An alert route stored by ``create_flow_alerts`` (besides those in the settings)."""
+
+    __tablename__ = "alert_routes"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -13,7 +13,16 @@ from pipeline.store import Catalogue, migrate
 from pipeline.store.db import make_engine
 from pipeline.store.models import Base
 
-TABLES = {"observations", "products", "candidates", "flow_runs", "alembic_version"}
+TABLES = {
+    "observations",
+    "products",
+    "candidates",
+    "flow_runs",
+    "alerts",
+    "alert_deliveries",
+    "alert_routes",
+    "alembic_version",
+}
 
 
 def test_migration_from_empty_creates_every_table(tmp_path: Path) -> None:

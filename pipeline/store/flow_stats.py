@@ -1,0 +1,43 @@
+"""Catalogue queries of monitoring: a run's step runs, the runs of a time range."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select
+
+from pipeline.errors import NotFoundError
+from pipeline.store.catalogue import Catalogue
+from pipeline.store.models import FlowRun
+
+__all__ = ["child_runs", "runs_between"]
+
+
+def child_runs(catalogue: Catalogue, parent_id: uuid.UUID | str) -> list[FlowRun]:
+    """Flow run records whose parent is ``parent_id`` (a pipeline's step runs), oldest first."""
+    query = (
+        select(FlowRun).where(FlowRun.parent_id == _uuid(parent_id)).order_by(FlowRun.created_at)
+    )
+    with catalogue.session() as session:
+        return list(session.scalars(query))
+
+
+def runs_between(
+    catalogue: Catalogue, since: datetime, until: datetime, flow_types: list[str] | None
+) -> list[FlowRun]:
+    """Every flow run record created in [since, until), of ``flow_types`` when given."""
+    query = select(FlowRun).where(FlowRun.created_at >= since, FlowRun.created_at < until)
+    if flow_types is not None:
+        query = query.where(FlowRun.flow_type.in_(flow_types))
+    with catalogue.session() as session:
+        return list(session.scalars(query.order_by(FlowRun.created_at)))
+
+
+def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+    if isinstance(value, uuid.UUID):
+        return value
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        raise NotFoundError(f"{value!r} is not a valid id (expected a UUID)") from None
