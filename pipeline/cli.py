@@ -13,6 +13,7 @@ from rich.table import Table
 
 from pipeline import __version__
 from pipeline.cli_models import register as register_model_commands
+from pipeline.cli_ops import register as register_ops_commands
 from pipeline.cli_util import flatten
 from pipeline.config import describe, get_config
 from pipeline.errors import AstrError
@@ -512,3 +513,4 @@ def _storage_round_trip(store: ArtifactStore) -> str:
 
 
 register_model_commands(app)  # train, hpo, evaluate, deploy, rollback, retrain, models, dataset
+register_ops_commands(app)  # report, alerts

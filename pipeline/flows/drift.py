@@ -20,6 +20,7 @@ from pipeline.errors import AstrError
 from pipeline.flows.runtime import get_catalogue
 from pipeline.ml.drift import PSI_ALERT, check_drift
 from pipeline.ml.registry import ModelRegistry
+from pipeline.workflow.monitoring import monitoring_hooks
 
 __all__ = ["drift_window", "score_drift_flow"]
 
@@ -49,7 +50,7 @@ def drift_window(since: str | None, until: str | None) -> tuple[datetime, dateti
     return start, end
 
 
-@flow(name="score_drift", log_prints=True)
+@flow(name="score_drift", log_prints=True, **monitoring_hooks())
 def score_drift_flow(
     since: str | None = None, until: str | None = None, environment: str = "production"
 ) -> dict:

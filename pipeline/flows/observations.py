@@ -67,6 +67,7 @@ from pipeline.types import FlowState, FlowType, ObservationStatus
 from pipeline.workflow.cancellation import CancelWatcher
 from pipeline.workflow.concurrency import observation_slot
 from pipeline.workflow.heartbeats import flow_heartbeats, subflows_without_heartbeats
+from pipeline.workflow.monitoring import monitoring_hooks
 
 __all__ = [
     "observation_detection_flow",
@@ -156,7 +157,7 @@ def _flow_body() -> Iterator[None]:
         yield
 
 
-@flow(name="observation_ingestion", log_prints=True)
+@flow(name="observation_ingestion", log_prints=True, **monitoring_hooks())
 def observation_ingestion_flow(observation_data: dict) -> dict:
     """Validate a science/reference pair, store it, and register the observation.
 
@@ -168,28 +169,28 @@ def observation_ingestion_flow(observation_data: dict) -> dict:
         return _ingest(observation_data)
 
 
-@flow(name="observation_preprocessing", log_prints=True)
+@flow(name="observation_preprocessing", log_prints=True, **monitoring_hooks())
 def observation_preprocessing_flow(observation_id: uuid.UUID) -> dict:
     """Background, masks, registration onto the reference grid, PSFs, flux scale."""
     with _flow_body():
         return _run_step(STEPS["preprocessing"], observation_id)
 
 
-@flow(name="observation_differencing", log_prints=True)
+@flow(name="observation_differencing", log_prints=True, **monitoring_hooks())
 def observation_differencing_flow(observation_id: uuid.UUID) -> dict:
     """ZOGY difference image D, S and S_corr."""
     with _flow_body():
         return _run_step(STEPS["differencing"], observation_id)
 
 
-@flow(name="observation_detection", log_prints=True)
+@flow(name="observation_detection", log_prints=True, **monitoring_hooks())
 def observation_detection_flow(observation_id: uuid.UUID) -> dict:
     """Candidates in S_corr with PSF photometry, flags and cutout triplets."""
     with _flow_body():
         return _run_step(STEPS["detection"], observation_id)
 
 
-@flow(name="observation_validation", log_prints=True)
+@flow(name="observation_validation", log_prints=True, **monitoring_hooks())
 def observation_validation_flow(observation_id: uuid.UUID) -> dict:
     """Cross-match, cuts and real/bogus score; the candidate catalogue."""
     with _flow_body():
@@ -205,7 +206,7 @@ STEP_FLOWS = {
 }
 
 
-@flow(name="observation_pipeline", log_prints=True)
+@flow(name="observation_pipeline", log_prints=True, **monitoring_hooks())
 def observation_pipeline_flow(observation_data: dict) -> dict:
     """All five steps for one pair; resumes an observation after its last good step.
 

@@ -29,6 +29,7 @@ from pipeline.ml.registry import ENVIRONMENTS, DatasetRecord, ModelRegistry, Reg
 from pipeline.ml.search import validate_search_space
 from pipeline.ml.train import TrainConfig, load_model
 from pipeline.runner import NotebookResult
+from pipeline.workflow.monitoring import monitoring_hooks
 
 __all__ = [
     "MODEL_TYPES",
@@ -202,7 +203,7 @@ def _train(
     }
 
 
-@flow(name="candidate_dataset", log_prints=True)
+@flow(name="candidate_dataset", log_prints=True, **monitoring_hooks())
 def candidate_dataset_flow(
     pairs: int = 24,
     size: int = 512,
@@ -252,7 +253,7 @@ def candidate_dataset_flow(
     }
 
 
-@flow(name="model_training", log_prints=True)
+@flow(name="model_training", log_prints=True, **monitoring_hooks())
 def model_training_flow(dataset_id: str, config: dict) -> dict:
     """Train, calibrate and evaluate on a stored dataset; log and register the model.
 
@@ -262,7 +263,7 @@ def model_training_flow(dataset_id: str, config: dict) -> dict:
     return _train(dataset_id, config, run_name=f"train-{dataset_id}")
 
 
-@flow(name="hyperparameter_optimization", log_prints=True)
+@flow(name="hyperparameter_optimization", log_prints=True, **monitoring_hooks())
 def hyperparameter_optimization_flow(
     model_type: str,
     search_space: dict,
@@ -346,7 +347,7 @@ def hyperparameter_optimization_flow(
     return summary
 
 
-@flow(name="model_evaluation", log_prints=True)
+@flow(name="model_evaluation", log_prints=True, **monitoring_hooks())
 def model_evaluation_flow(
     model_id: str, test_dataset: str, baseline: str | None = "production"
 ) -> dict:
@@ -402,7 +403,7 @@ def model_evaluation_flow(
     }
 
 
-@flow(name="model_deployment", log_prints=True)
+@flow(name="model_deployment", log_prints=True, **monitoring_hooks())
 def model_deployment_flow(model_id: str, environment: str, force: bool = False) -> dict:
     """Move ``environment`` to model version ``model_id`` if it beats the current holder.
 
@@ -419,7 +420,7 @@ def model_deployment_flow(model_id: str, environment: str, force: bool = False) 
     return _deployment(outcome)
 
 
-@flow(name="model_rollback", log_prints=True)
+@flow(name="model_rollback", log_prints=True, **monitoring_hooks())
 def model_rollback_flow(environment: str) -> dict:
     """Give ``environment`` back to the version its current holder replaced."""
     outcome = _registry(get_config()).rollback(environment)
@@ -427,7 +428,7 @@ def model_rollback_flow(environment: str) -> dict:
     return _deployment(outcome)
 
 
-@flow(name="model_retraining", log_prints=True)
+@flow(name="model_retraining", log_prints=True, **monitoring_hooks())
 def model_retraining_flow(
     model_id: str,
     new_data: str,

@@ -327,6 +327,37 @@ class PrefectServer:
             "registered": registered,
         }
 
+    def setup_monitoring(self, monitoring_config: dict) -> dict[str, Any]:
+        """Store validated alert routes and say how runs are measured and exported.
+
+        Every pipeline flow measures its runs and reports its failures through Prefect
+        state hooks (``pipeline.workflow.monitoring``), so no Prefect automation is
+        created: a failure alerts even when the server's event pipeline is behind.
+
+        Parameters
+        ----------
+        monitoring_config : dict
+            ``routes``: alert route tables (``name``, ``channels``, ``flow_types``
+            globs, ``min_severity`` and policy keys, see ``pipeline.workflow.alerting``),
+            stored in the catalogue beside the ``[alerting]`` routes of the settings;
+            ``replace_routes`` (default false): forget stored routes not listed.
+
+        Returns
+        -------
+        dict
+            ``routes`` (alerts can take these now; empty while ``alerting_enabled`` is
+            off), ``metrics`` (the Prometheus exporter to serve at ``/metrics``),
+            ``hooks``, ``monitoring_enabled``, ``alerting_enabled``.
+
+        Raises
+        ------
+        ConfigError
+            Naming the bad key (``monitoring_config.routes[0].channels[1].url``).
+        """
+        from pipeline.workflow.monitoring import configure_monitoring
+
+        return configure_monitoring(self.config, monitoring_config)
+
     def client_environment(self) -> dict[str, str]:
         """Variables that point a worker or the REST API at this server, with its secrets.
 
