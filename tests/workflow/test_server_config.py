@@ -201,6 +201,35 @@ def test_silent_host_times_out(tmp_path: Path) -> None:
         assert time.monotonic() - started < 10
 
 
+def _astr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ASTR_")}
+    exe = shutil.which("astr", path=str(Path(sys.executable).parent)) or "astr"
+    return subprocess.run(
+        [exe, *args], capture_output=True, text=True, env={**clean, **env}, timeout=120
+    )
+
+
+def test_cli_start_checks_the_database_and_authentication(tmp_path: Path) -> None:
+    home = str(tmp_path / "home")
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    closed = f"postgresql+asyncpg://astr:hunter2@127.0.0.1:{_free_port()}/prefect"
+    refused = _astr(
+        {"ASTR_HOME": home, "ASTR_PREFECT_SERVER_URL": url, "ASTR_PREFECT_DATABASE_URL": closed},
+        "server", "start",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "cannot connect to the Prefect database" in refused.stderr
+    assert "hunter2" not in refused.stderr
+
+    unsecured = _astr(
+        {"ASTR_HOME": home, "ASTR_PREFECT_SERVER_URL": url, "ASTR_AUTHENTICATION_ENABLED": "1"},
+        "server", "start",
+    )  # fmt: skip
+    assert unsecured.returncode == 2
+    assert "ASTR_PREFECT_API_AUTH_STRING is not set" in unsecured.stderr
+    assert not (tmp_path / "home" / "prefect" / "server.json").exists()  # nothing started
+
+
 # -- authentication ----------------------------------------------------------------------
 
 GOOD_ENV = {"ASTR_PREFECT_API_AUTH_STRING": AUTH_STRING, "ASTR_API_TOKENS": f"{TOKEN},{TOKEN}2"}
@@ -278,7 +307,9 @@ def test_authentication_reaches_the_server_and_its_clients() -> None:
 
 
 def test_local_storage_round_trip(tmp_path: Path) -> None:
-    server = PrefectServer(load_config(environ={}))
+    # A URL nothing answers on: the block is left for the server's start.
+    url = f"http://127.0.0.1:{_free_port()}/api"
+    server = PrefectServer(load_config(environ={"ASTR_PREFECT_SERVER_URL": url}))
     storage = StorageConfig("local", str(tmp_path / "artifacts"))
     result = server.configure_storage(storage)
     assert result == {
