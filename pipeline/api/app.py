@@ -178,7 +178,7 @@ def create_app(config: WorkflowConfig | None = None) -> FastAPI:
         dependencies=secured,
         status_code=202,
         response_model=FlowStatusModel,
-        responses={**_ERRORS},
+        responses={**_ERRORS, 400: {"model": ErrorBody, "description": "The body is not JSON."}},
     )
     async def start_flow(
         svc: Service,

@@ -378,10 +378,7 @@ class PrefectServer:
             "ASTR_PREFECT_DATABASE_URL": config.prefect_database_url,
             "ASTR_STORAGE_BACKEND": storage.backend,
         }
-        if storage.backend == "s3":
-            env["ASTR_STORAGE_ROOT"] = storage.url
-        else:
-            env["ASTR_STORAGE_ROOT"] = storage.root
+        env["ASTR_STORAGE_ROOT"] = storage.url  # a directory, or s3://bucket/prefix
         env["ASTR_STORAGE_OPTIONS"] = json.dumps(storage.options)
         if config.prefect_api_auth_string:
             env["PREFECT_API_AUTH_STRING"] = config.prefect_api_auth_string

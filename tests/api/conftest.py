@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -47,12 +48,10 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="module")
-def api_stack(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
-    """``astr worker`` and ``astr api`` (tokens required) sharing one project home."""
+@contextlib.contextmanager
+def _stack(prefect_server: str, root: Path, *, worker: bool) -> Iterator[ApiStack]:
     from prefect.client.orchestration import get_client
 
-    root = tmp_path_factory.mktemp("api-stack")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ASTR_")}
     env.update(
         ASTR_HOME=str(root / "home"),
@@ -63,13 +62,14 @@ def api_stack(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
         PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING",
     )
     port = _free_port()
-    worker = _spawn(["worker"], env, root / "worker.log")
-    api = _spawn(["api", "--port", str(port)], env, root / "api.log")
-    stack = ApiStack(f"http://127.0.0.1:{port}", root / "home", TOKENS[0], worker.pid, root)
+    processes = [_spawn(["api", "--port", str(port)], env, root / "api.log")]
+    if worker:
+        processes.append(_spawn(["worker"], env, root / "worker.log"))
+    stack = ApiStack(f"http://127.0.0.1:{port}", root / "home", TOKENS[0], processes[-1].pid, root)
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert worker.poll() is None and api.poll() is None, stack.tail()
+            assert all(p.poll() is None for p in processes), stack.tail()
             assert time.monotonic() < deadline, "the API or the worker did not come up\n" + (
                 stack.tail()
             )
@@ -77,6 +77,8 @@ def api_stack(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
                 healthy = httpx.get(f"{stack.url}/health", timeout=5).status_code == 200
             except httpx.HTTPError:
                 healthy = False
+            if healthy and not worker:
+                break
             if healthy:
                 with get_client(sync_client=True) as client:
                     try:
@@ -88,5 +90,37 @@ def api_stack(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> 
             time.sleep(0.5)
         yield stack
     finally:
-        _stop(api)
-        _stop(worker)
+        if not worker:
+            _cancel_leftovers(stack)
+        for process in processes:
+            _stop(process)
+
+
+def _cancel_leftovers(stack: ApiStack) -> None:
+    """Cancel the runs a stack without a worker left waiting, so no later worker runs them."""
+    with stack.client() as client:
+        for status in ("PENDING", "RUNNING"):
+            page = client.get("/workflows/flows", params={"status": status, "limit": 1000})
+            for item in page.json().get("items", []):
+                client.post(f"/workflows/flows/{item['flow_id']}/cancel")
+
+
+@pytest.fixture(scope="module")
+def api_stack(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
+    """``astr worker`` and ``astr api`` (tokens required) sharing one project home."""
+    with _stack(prefect_server, tmp_path_factory.mktemp("api-stack"), worker=True) as stack:
+        yield stack
+
+
+@pytest.fixture(scope="module")
+def api_only(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiStack]:
+    """``astr api`` without a worker: started runs wait, and are cancelled at the end.
+
+    The flows' deployments are registered (as a worker would) so that starts succeed.
+    """
+    from pipeline.workflow.deployments import model_deployments, observation_deployments
+
+    for deployment in [*observation_deployments(), *model_deployments()]:
+        deployment.apply()
+    with _stack(prefect_server, tmp_path_factory.mktemp("api-only"), worker=False) as stack:
+        yield stack
