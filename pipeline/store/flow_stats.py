@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from pipeline.errors import NotFoundError
 from pipeline.store.catalogue import Catalogue
 from pipeline.store.models import FlowRun
 
-__all__ = ["child_runs", "runs_between"]
+__all__ = ["child_runs", "ended_since", "run_counts", "runs_between"]
 
 
 def child_runs(catalogue: Catalogue, parent_id: uuid.UUID | str) -> list[FlowRun]:
@@ -32,6 +33,26 @@ def runs_between(
         query = query.where(FlowRun.flow_type.in_(flow_types))
     with catalogue.session() as session:
         return list(session.scalars(query.order_by(FlowRun.created_at)))
+
+
+def run_counts(catalogue: Catalogue) -> dict[tuple[str, str], int]:
+    """Number of flow run records per (flow type, status)."""
+    query = select(FlowRun.flow_type, FlowRun.status, func.count()).group_by(
+        FlowRun.flow_type, FlowRun.status
+    )
+    with catalogue.session() as session:
+        return {(kind, status): int(n) for kind, status, n in session.execute(query)}
+
+
+def ended_since(
+    catalogue: Catalogue, since: datetime
+) -> list[tuple[str, datetime | None, datetime, dict[str, Any]]]:
+    """(flow type, started_at, ended_at, metrics) of the runs that ended since ``since``."""
+    query = select(FlowRun.flow_type, FlowRun.started_at, FlowRun.ended_at, FlowRun.metrics).where(
+        FlowRun.ended_at >= since
+    )
+    with catalogue.session() as session:
+        return [tuple(row) for row in session.execute(query)]
 
 
 def _uuid(value: uuid.UUID | str) -> uuid.UUID:

@@ -338,7 +338,8 @@ def _channel(data: Any, where: str) -> Channel:
         raise ConfigError(
             f"{where}.path={options['path']!r} must be absolute (use {{home}}/alerts.jsonl)"
         )
-    if kind == "log" and options.get("level", "ERROR").upper() not in logging._nameToLevel:
+    levels = logging.getLevelNamesMapping()
+    if kind == "log" and str(options.get("level", "ERROR")).upper() not in levels:
         raise ConfigError(f"{where}.level={options['level']!r} is not a logging level")
     for key in ("url_secret", "password_secret"):
         if key in options and not _SECRET_NAME.match(str(options[key])):
@@ -500,7 +501,7 @@ def _send_log(options: dict[str, Any], notice: Notice, secrets: Any, timeout: fl
     default = "CRITICAL" if notice.severity == "critical" else "ERROR"
     if notice.severity in ("info", "warning"):
         default = notice.severity.upper()
-    level = logging._nameToLevel[str(options.get("level", default)).upper()]
+    level = logging.getLevelNamesMapping()[str(options.get("level", default)).upper()]
     log.log(level, "ALERT %s", notice.text().replace("\n", " | "))
 
 

@@ -161,22 +161,10 @@ def recent_run_figures(catalogue: Any, window_s: float) -> dict[str, Any]:
         "sum", "0.5", "0.95", "queue_wait_mean"}} over runs ended in the last
         ``window_s`` seconds.
     """
-    from sqlalchemy import func, select
+    from pipeline.store.flow_stats import ended_since, run_counts
 
-    from pipeline.store.models import FlowRun
-
-    since = datetime.now(UTC) - timedelta(seconds=window_s)
-    with catalogue.session() as session:
-        counts = session.execute(
-            select(FlowRun.flow_type, FlowRun.status, func.count()).group_by(
-                FlowRun.flow_type, FlowRun.status
-            )
-        ).all()
-        recent = session.execute(
-            select(FlowRun.flow_type, FlowRun.started_at, FlowRun.ended_at, FlowRun.metrics).where(
-                FlowRun.ended_at >= since
-            )
-        ).all()
+    counts = run_counts(catalogue)
+    recent = ended_since(catalogue, datetime.now(UTC) - timedelta(seconds=window_s))
     grouped: dict[str, tuple[list[float], list[float]]] = {}
     for flow_type, started, ended, metrics in recent:
         perf = (metrics or {}).get("performance") or {}
@@ -189,7 +177,7 @@ def recent_run_figures(catalogue: Any, window_s: float) -> dict[str, Any]:
         if perf.get("queue_wait_s") is not None:
             waits.append(float(perf["queue_wait_s"]))
     return {
-        "counts": {(t, s): int(n) for t, s, n in counts},
+        "counts": counts,
         "durations": {
             flow_type: {
                 "count": len(durations),

@@ -18,8 +18,8 @@ What ``flow_id`` means:
 - :func:`generate_flow_reports`: the same selectors; a flow run id reports that run
   and its step runs.
 
-Nothing here runs unless ``monitoring_enabled``; alerts go out only when
-``alerting_enabled`` (see ``pipeline.workflow.alerting``).
+The hooks record nothing while ``monitoring_enabled`` is false; alerts go out only
+while ``alerting_enabled`` is true (see ``pipeline.workflow.alerting``).
 """
 
 from __future__ import annotations
