@@ -7,6 +7,7 @@ Every route but ``/health`` needs a bearer token when ``authentication_enabled``
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, Path, Query, Request, Response
 from fastapi.responses import JSONResponse
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from pipeline import __version__
@@ -110,6 +112,7 @@ def create_app(config: WorkflowConfig | None = None) -> FastAPI:
         version=__version__,
         summary="Start, watch, cancel and retry the transient pipeline's flows.",
         lifespan=lifespan,
+        dependencies=[Depends(_known_query_only)],
     )
     secured = [Depends(require_token)]
 
@@ -145,8 +148,16 @@ def create_app(config: WorkflowConfig | None = None) -> FastAPI:
         svc: Service,
         flow_type: Annotated[FlowType | None, Query(description="Only runs of this type.")] = None,
         status: Annotated[FlowState | None, Query(description="Only runs in this state.")] = None,
-        since: Annotated[datetime | None, Query(description="Created at or after.")] = None,
-        until: Annotated[datetime | None, Query(description="Created before.")] = None,
+        since: Annotated[
+            datetime | None,
+            BeforeValidator(_rfc3339),
+            Query(description="Created at or after (RFC 3339, e.g. 2026-11-29T00:00:00Z)."),
+        ] = None,
+        until: Annotated[
+            datetime | None,
+            BeforeValidator(_rfc3339),
+            Query(description="Created before (RFC 3339)."),
+        ] = None,
         include_subflows: Annotated[
             bool, Query(description="Also list the step runs of pipelines.")
         ] = False,
@@ -258,6 +269,38 @@ def create_app(config: WorkflowConfig | None = None) -> FastAPI:
     return app
 
 
+def _known_query_only(request: Request) -> None:
+    """Refuse query parameters the route does not take (a typo would otherwise be ignored)."""
+    from fastapi.exceptions import RequestValidationError
+
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    allowed = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        takes = ", ".join(sorted(allowed)) or "none"
+        raise RequestValidationError(
+            [
+                {
+                    "loc": ("query", name),
+                    "msg": f"unknown query parameter; this route takes: {takes}",
+                    "type": "extra_forbidden",
+                }
+                for name in unknown
+            ]
+        )
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """Names of the query parameters a route (and its dependencies) declares."""
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
 def _install_error_handlers(app: FastAPI, config: WorkflowConfig) -> None:
     import httpx
     from prefect.exceptions import PrefectHTTPStatusError
@@ -319,6 +362,19 @@ async def _health_checks(service: FlowService, config: WorkflowConfig) -> dict[s
         checks["catalogue"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
     checks["catalogue"]["seconds"] = round(time.perf_counter() - began, 4)
     return checks
+
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    """Refuse times that are not RFC 3339 (numbers, dates alone, no time zone)."""
+    if isinstance(value, str) and not _RFC3339.fullmatch(value.strip()):
+        raise ValueError(
+            f"{value!r} is not an RFC 3339 time; give e.g. 2026-11-29T00:00:00Z or "
+            "2026-11-29T01:00:00+01:00"
+        )
+    return value
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from prometheus_client.registry import Collector
 
 from pipeline.store import Catalogue
+from pipeline.workflow.monitoring import MonitoringCollector
 
 __all__ = ["Telemetry"]
 
@@ -36,8 +33,8 @@ class Telemetry:
         )
 
     def watch(self, catalogue: Catalogue) -> None:
-        """Also export the catalogue's flow runs by type and state."""
-        self.registry.register(_FlowRunCollector(catalogue))
+        """Also export the catalogue's flow runs and alerts, read at each scrape."""
+        self.registry.register(MonitoringCollector(catalogue))
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
         """Count one answered request."""
@@ -47,22 +44,3 @@ class Telemetry:
     def render(self) -> bytes:
         """The Prometheus text exposition of everything registered."""
         return generate_latest(self.registry)
-
-
-class _FlowRunCollector(Collector):
-    def __init__(self, catalogue: Catalogue) -> None:
-        self.catalogue = catalogue
-
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "astr_flow_runs",
-            "Flow runs recorded in the catalogue, by flow type and state.",
-            labels=("flow_type", "status"),
-        )
-        for (kind, status), count in sorted(self.catalogue.flow_run_totals().items()):
-            family.add_metric((kind, status), count)
-        yield family
-
-    def describe(self) -> Iterator[GaugeMetricFamily]:
-        # Without this, registering would call collect() (a query) at once.
-        yield GaugeMetricFamily("astr_flow_runs", "Flow runs by flow type and state.")

@@ -66,6 +66,7 @@ def _stack(prefect_server: str, root: Path, *, worker: bool) -> Iterator[ApiStac
     if worker:
         processes.append(_spawn(["worker"], env, root / "worker.log"))
     stack = ApiStack(f"http://127.0.0.1:{port}", root / "home", TOKENS[0], processes[-1].pid, root)
+    up = False
     try:
         deadline = time.monotonic() + 180
         while True:
@@ -88,9 +89,10 @@ def _stack(prefect_server: str, root: Path, *, worker: bool) -> Iterator[ApiStac
                     except Exception:
                         pass
             time.sleep(0.5)
+        up = True
         yield stack
     finally:
-        if not worker:
+        if up and not worker:
             _cancel_leftovers(stack)
         for process in processes:
             _stop(process)

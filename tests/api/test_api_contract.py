@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -18,6 +19,8 @@ from pipeline.errors import ConfigError
 
 pytestmark = pytest.mark.integration
 
+# Examples per route and mode of the schema-generated requests (more: API_EXAMPLES=200).
+EXAMPLES = int(os.environ.get("API_EXAMPLES", "15"))
 NO_SUCH_RUN = "0b6f2a3c-7d1e-4f5a-9c8b-1a2b3c4d5e6f"
 PROTECTED = [
     ("GET", "/workflows/flows"),
@@ -114,6 +117,11 @@ def test_bad_parameters_are_422_naming_the_field(api_only: ApiStack):
             assert answer.status_code == 422, (flow, body, answer.text)
             locations = [item["loc"] for item in answer.json()["detail"]]
             assert location in locations, (flow, body, locations)
+        typo = client.get("/workflows/flows", params={"flowtype": "model_training"})
+        assert typo.status_code == 422
+        assert typo.json()["detail"][0]["loc"] == ["query", "flowtype"]
+        naive = client.get("/workflows/flows", params={"since": "1700000000"})
+        assert naive.status_code == 422 and "RFC 3339" in naive.text
         array = client.post(start("observation_pipeline"), json=[1])
         assert array.status_code == 422
         unknown = client.post(start("no_such_flow"), json={})
@@ -165,7 +173,7 @@ def test_no_route_answers_500_or_breaks_its_schema(api_only: ApiStack, mode: str
     for operation in operations:
 
         @given(case=operation.as_strategy(GenerationMode(mode)))
-        @settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+        @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
         def call(case):
             case.call_and_validate(
                 headers=headers,
