@@ -471,14 +471,6 @@ class Catalogue:
         with self.session() as session:
             return int(session.scalar(query) or 0)
 
-    def flow_run_totals(self) -> dict[tuple[str, str], int]:
-        """Number of flow runs per (flow type, status)."""
-        query = select(FlowRun.flow_type, FlowRun.status, func.count()).group_by(
-            FlowRun.flow_type, FlowRun.status
-        )
-        with self.session() as session:
-            return {(kind, status): int(n) for kind, status, n in session.execute(query)}
-
     def child_flow_runs(self, parent_id: uuid.UUID | str) -> list[FlowRun]:
         """The subflow runs a flow run started, oldest first (one level down)."""
         query = (
