@@ -177,6 +177,10 @@ def worker(
     config = get_config()
     url, how = ensure_server(config)
     console.print(f"worker for the Prefect server at {url} ({how})")
+    if config.alerting_enabled:
+        from pipeline.workflow.monitoring import watch_overdue
+
+        watch_overdue(60.0)  # unacknowledged alerts escalate without a new failure
     serve_flows(limit=limit or config.max_concurrent_flows)
 
 

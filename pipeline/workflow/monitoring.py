@@ -308,6 +308,25 @@ def check_overdue() -> list[dict[str, Any]]:
     ]
 
 
+def watch_overdue(interval: float = 60.0) -> threading.Event:
+    """Run :func:`check_overdue` every ``interval`` seconds in a daemon thread.
+
+    ``astr worker`` starts it when alerting is enabled, so an alert nobody acknowledges
+    escalates even on a night with no further failures. Set the returned event to stop.
+    """
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(interval):
+            try:
+                check_overdue()
+            except Exception as exc:  # a database hiccup must not end the watch
+                log.warning("checking for overdue alerts failed: %s: %s", type(exc).__name__, exc)
+
+    threading.Thread(target=loop, name="astr-overdue-alerts", daemon=True).start()
+    return stop
+
+
 def alert_dict(alert: Any) -> dict[str, Any]:
     """An alert record as JSON-ready data."""
 

@@ -328,3 +328,30 @@ def test_cli_report_and_alerts(known_runs, alerting_on):
     assert json.loads(runner.invoke(app, ["alerts", "list", "--json"]).output) == []
     result = runner.invoke(app, ["alerts", "check"])
     assert result.exit_code == 0 and result.output == ""
+
+
+def test_the_overdue_watch_escalates_an_unacknowledged_alert(alerting_on):
+    from pipeline.workflow.monitoring import alert_on_failure, watch_overdue
+
+    with http_receiver() as (url, got):
+        for name in ("team", "oncall"):
+            create_flow_alerts(
+                "observation_*",
+                {
+                    "name": name,
+                    "ack_timeout_s": 1,
+                    "channels": [{"type": "webhook", "url": f"{url}/{name}"}],
+                },
+            )
+        alert_on_failure(
+            str(uuid.uuid4()), ValueError("bad header"), flow_type="observation_pipeline"
+        )
+        (first,) = got.wait_for(1, path="/team")
+        assert first["flow_type"] == "observation_pipeline"
+        assert not got.wait_for(0, path="/oncall")
+        stop = watch_overdue(0.2)
+        try:
+            (escalated,) = got.wait_for(1, path="/oncall", timeout=15)
+        finally:
+            stop.set()
+        assert escalated["reason"] == "unacknowledged"
