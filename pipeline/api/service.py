@@ -378,10 +378,12 @@ def run_metrics(
         }
     for step, durations in _recorded_steps(recorded).items():
         steps.setdefault(step, {}).update(durations)
+    performance = recorded.get("performance")
+    performance = performance if isinstance(performance, dict) else {}
     resources = {
-        key: recorded[key]
-        for key in ("cpu_s", "cpu_time_s", "peak_memory_mb", "peak_rss_mb")
-        if key in recorded
+        key: performance[key]
+        for key in ("cpu_time_s", "peak_rss_mb", "children_rss_mb")
+        if performance.get(key) is not None
     }
     return {
         "flow_id": status.flow_id,

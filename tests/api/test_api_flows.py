@@ -79,6 +79,9 @@ def test_start_watch_logs_metrics_and_list(api_stack: ApiStack):
         assert 0 < step_time <= metrics["duration_s"] + 0.5, metrics
         assert metrics["queue_wait_s"] >= 0 and metrics["run_count"] == 1
         assert metrics["status"] == "COMPLETED"
+        # measured in the worker's process for this run (its kernels' CPU included)
+        assert metrics["resources"]["cpu_time_s"] > 0.5, metrics
+        assert metrics["resources"]["peak_rss_mb"] > 50, metrics
 
         listed = client.get("/workflows/flows", params={"flow_type": "observation_pipeline"})
         ids = [item["flow_id"] for item in listed.json()["items"]]
