@@ -22,13 +22,14 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from local_server import start_local_prefect
 
 TARGET_S = 5.0
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "decam"
@@ -41,23 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", action="store_true", help="run the flows in astr worker")
     args = parser.parse_args(argv)
 
-    root = Path(tempfile.mkdtemp(prefix="astr-bench-alerts-"))
-    os.environ["ASTR_HOME"] = str(root / "home")
-    os.environ["ASTR_ALERTING_ENABLED"] = "true"
-    os.environ["PREFECT_HOME"] = str(root / "prefect-client")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    root, server = start_local_prefect(
+        "astr-bench-alerts-", console_level="CRITICAL", ASTR_ALERTING_ENABLED="true"
+    )
 
-    from pipeline.config import get_config
     from pipeline.workflow.monitoring import create_flow_alerts
-    from pipeline.workflow.prefect_server import PrefectServer, use_server
 
-    server = PrefectServer(get_config())
-    server.start_server("127.0.0.1", 0)
-    os.environ["ASTR_PREFECT_SERVER_URL"] = server.api_url
-    os.environ["PREFECT_API_URL"] = server.api_url
-    get_config.cache_clear()
-    use_server(server.api_url)
     receiver, received = _receiver()
     worker = _start_worker(root) if args.worker else None
     try:

@@ -20,14 +20,14 @@ import argparse
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from local_server import free_port, start_local_prefect
 
 TARGET_S = 0.050
 ASTR = (sys.executable, "-c", "from pipeline.cli import main; main()")
@@ -40,28 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=300, help="timed requests per route")
     args = parser.parse_args(argv)
 
-    root = Path(tempfile.mkdtemp(prefix="astr-bench-api-"))
-    os.environ["ASTR_HOME"] = str(root / "home")
-    os.environ["PREFECT_HOME"] = str(root / "prefect-client")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    root, server = start_local_prefect("astr-bench-api-")
 
     import httpx
 
-    from pipeline.config import get_config
     from pipeline.workflow.deployments import model_deployments, observation_deployments
-    from pipeline.workflow.prefect_server import PrefectServer, use_server
 
-    server = PrefectServer(get_config())
-    server.start_server("127.0.0.1", 0)
-    os.environ["ASTR_PREFECT_SERVER_URL"] = server.api_url
-    get_config.cache_clear()
-    use_server(server.api_url)
     api = None
     try:
         for deployment in [*observation_deployments(), *model_deployments()]:
             deployment.apply()
-        port = _free_port()
+        port = free_port()
         api = subprocess.Popen(
             [*ASTR, "api", "--port", str(port)],
             stdout=open(root / "api.log", "w"),  # noqa: SIM115 - the child owns it
@@ -197,12 +186,6 @@ def _wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
             pass
         time.sleep(0.3)
     raise SystemExit(f"the API did not answer within 120 s:\n{log.read_text()}")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
+
+from local_server import start_local_prefect
 
 STEPS = ("ingestion", "preprocessing", "differencing", "detection", "validation")
 TARGET = 0.20
@@ -33,22 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels")
     args = parser.parse_args(argv)
 
-    root = Path(tempfile.mkdtemp(prefix="astr-bench-"))
-    os.environ["ASTR_HOME"] = str(root / "home")
-    os.environ["PREFECT_HOME"] = str(root / "prefect-client")
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    root, server = start_local_prefect("astr-bench-")
 
-    from pipeline.config import get_config
     from pipeline.science import io
     from pipeline.science.simulate import simulate_pair
-    from pipeline.workflow.prefect_server import PrefectServer, use_server
 
-    server = PrefectServer(get_config())
-    server.start_server("127.0.0.1", 0)
-    os.environ["ASTR_PREFECT_SERVER_URL"] = server.api_url
-    get_config.cache_clear()
-    use_server(server.api_url)
     try:
         pair = simulate_pair(shape=(args.size, args.size), seed=0)
         science, reference = root / "science.fits", root / "reference.fits"

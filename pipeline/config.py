@@ -308,18 +308,25 @@ def _build(
 
 def _alerting_table(where: str, value: Any, home: Path) -> dict[str, Any]:
     """The ``[alerting]`` table: a table (or JSON object) holding no secret itself."""
+    value = _json_object(
+        where, value, '{"routes": [{"name": "team", "channels": [{"type": "log"}]}]}'
+    )
+    _reject_alert_secrets(where, value)
+    return _expand_home_deep(value, home)
+
+
+def _json_object(where: str, value: Any, example: str) -> dict[str, Any]:
+    """A table from a settings file, or the JSON object an environment variable holds."""
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
         except json.JSONDecodeError as exc:
             raise ConfigError(
-                f"{where} is not valid JSON ({exc.msg}): give a JSON object, e.g. "
-                '{"routes": [{"name": "team", "channels": [{"type": "log"}]}]}'
+                f"{where} is not valid JSON ({exc.msg}): give a JSON object, e.g. {example}"
             ) from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{where} must be a table ([alerting]) / JSON object")
-    _reject_alert_secrets(where, value)
-    return _expand_home_deep(value, home)
+        raise ConfigError(f"{where} must be a table / JSON object, e.g. {example}")
+    return value
 
 
 def _reject_alert_secrets(where: str, value: Any, path: str = "alerting") -> None:
@@ -350,17 +357,11 @@ def _build_storage(values: dict[str, Any], where: Any, base: Path) -> StorageCon
     """Validate the ``storage.*`` values; an ``s3://`` root selects the S3 backend."""
     backend = _choice(where("storage.backend"), values["storage.backend"], STORAGE_BACKENDS)
     root, bucket, prefix = (str(values[f"storage.{k}"]) for k in ("root", "bucket", "prefix"))
-    options = values["storage.options"]
-    if isinstance(options, str):
-        try:
-            options = json.loads(options) if options.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise ConfigError(
-                f"{where('storage.options')} is not valid JSON ({exc.msg}): "
-                'give a JSON object, e.g. {"endpoint_url": "http://127.0.0.1:9000"}'
-            ) from None
-    if not isinstance(options, dict):
-        raise ConfigError(f"{where('storage.options')} must be a table / JSON object of options")
+    options = _json_object(
+        where("storage.options"),
+        values["storage.options"],
+        '{"endpoint_url": "http://127.0.0.1:9000"}',
+    )
     _reject_secret_options(where("storage.options"), options)
     if root.startswith("s3://"):
         parts = urlsplit(root)

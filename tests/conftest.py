@@ -44,6 +44,32 @@ def store(tmp_path: Path) -> ArtifactStore:
     return ArtifactStore(StorageConfig(backend="local", root=str(tmp_path / "artifacts")))
 
 
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 protocol server (moto) on a loopback port; yields its URL.
+
+    moto keeps its buckets per process, not per server: tests share them, so each
+    test uses its own bucket or prefix.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from procs import free_port
+
+    port = free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Credentials and region the S3 server accepts."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+
 # A loaded CI machine can take well over 15 s to start a Prefect server.
 PREFECT_START_TIMEOUT = 180.0
 

@@ -21,7 +21,6 @@ import os
 import pwd
 import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 __all__ = [
     "PostgresCluster",
@@ -145,7 +145,7 @@ def _start(bindir: Path) -> PostgresCluster:
     run_as = _system_user() if os.geteuid() == 0 else None
     directory = Path(tempfile.mkdtemp(prefix="astr-pg-"))
     password = secrets.token_urlsafe(16)
-    cluster = PostgresCluster(directory, bindir, _free_port(), "astr", password, run_as)
+    cluster = PostgresCluster(directory, bindir, free_port(), "astr", password, run_as)
     pwfile = directory / "pwfile"
     pwfile.write_text(password + "\n")
     if run_as:
@@ -185,9 +185,3 @@ def _system_user() -> str | None:
     except KeyError:
         return None
     return _SYSTEM_USER
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

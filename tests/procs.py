@@ -1,7 +1,11 @@
-"""Processes seen in /proc: find notebook kernels under a worker and check they are gone."""
+"""Processes and ports for tests: kernels under a worker, process groups, free ports."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 from pathlib import Path
 
 
@@ -39,3 +43,22 @@ def kernels_under(root: int) -> set[int]:
 
 def alive(pid: int) -> bool:
     return pid in processes()
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on (now)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_group(process: subprocess.Popen, grace: float = 30.0) -> None:
+    """SIGTERM a process started with ``start_new_session=True`` and its group; SIGKILL late."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()

@@ -80,7 +80,7 @@ class FlowMetrics(BaseModel):
     duration_s: float | None = Field(description="Start to end (to now while running).")
     queue_wait_s: float | None = Field(description="From when it was due to when it started.")
     run_count: int = Field(description="Times Prefect ran it (retries included).")
-    retries: int = Field(description="Reruns of the run and of its steps' notebooks.")
+    retries: int = Field(description="Prefect's reruns of the run (run_count - 1).")
     steps: dict[str, dict[str, Any]] = Field(description="Per step: status, duration, attempts.")
     resources: dict[str, Any] = Field(description="CPU time and peak memory, when recorded.")
     recorded: dict[str, Any] = Field(description="Everything the flow recorded (science/model).")

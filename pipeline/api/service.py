@@ -22,7 +22,8 @@ from pipeline.store import Catalogue
 from pipeline.store.models import FlowRun as FlowRunRecord
 from pipeline.types import FlowState, FlowStatus, FlowType
 from pipeline.workflow.deployments import deployment_path, served_flows
-from pipeline.workflow.status import flow_status, map_state
+from pipeline.workflow.monitoring import run_figures, step_duration, step_name
+from pipeline.workflow.status import flow_status, map_state, record_corrections
 
 __all__ = ["FlowService", "RunFilter"]
 
@@ -79,10 +80,7 @@ class FlowService:
         """
         flow = served_flows()[flow_type.value]
         parameters = check_parameters(flow, body)
-        deployment_id = await self._deployment_id(flow.name)
-        run = await self.client.create_flow_run_from_deployment(
-            deployment_id, parameters=parameters, tags=["astr", "api"]
-        )
+        run = await self._create_run(flow.name, parameters)
         record = await run_in_threadpool(
             self.catalogue.record_flow_run,
             run.id,
@@ -92,6 +90,21 @@ class FlowService:
         )
         self._flow_names[run.flow_id] = flow.name
         return flow_status(run, flow.name, record)
+
+    async def _create_run(self, flow_name: str, parameters: dict[str, Any]) -> Any:
+        """A run of the flow's deployment; a deployment deleted and made again is found anew."""
+        from prefect.exceptions import ObjectNotFound
+
+        deployment_id = await self._deployment_id(flow_name)
+        try:
+            return await self.client.create_flow_run_from_deployment(
+                deployment_id, parameters=parameters, tags=["astr", "api"]
+            )
+        except ObjectNotFound:
+            self._deployments.pop(flow_name, None)
+            return await self.client.create_flow_run_from_deployment(
+                await self._deployment_id(flow_name), parameters=parameters, tags=["astr", "api"]
+            )
 
     async def _deployment_id(self, flow_name: str) -> uuid.UUID:
         from prefect.exceptions import ObjectNotFound
@@ -330,16 +343,8 @@ class FlowService:
 
     async def _status(self, run: Any, name: str, record: FlowRunRecord | None) -> FlowStatus:
         status = flow_status(run, name, record)
-        if record is not None and status.status.value != record.status:
-            # Prefect moved on (a worker took the run, or killed it) without the flow
-            # writing its record: bring the record in line for listing and reports.
-            changes: dict[str, Any] = {"status": status.status}
-            if status.status.is_final:
-                changes.update(ended_at=run.end_time or datetime.now(UTC))
-                if record.error_message is None and status.error_message:
-                    changes["error_message"] = status.error_message
-            if run.start_time is not None and record.started_at is None:
-                changes["started_at"] = run.start_time
+        changes = record_corrections(run, status, record)
+        if changes:
             await run_in_threadpool(self.catalogue.update_flow_run, run.id, **changes)
         return status
 
@@ -352,6 +357,10 @@ def run_metrics(
 ) -> dict[str, Any]:
     """The metrics route's document for one run.
 
+    The figures are monitoring's (:func:`pipeline.workflow.monitoring.run_figures`),
+    computed afresh so a running run's are current; CPU time and peak memory are
+    those its own process recorded.
+
     Parameters
     ----------
     run : prefect FlowRun
@@ -363,47 +372,33 @@ def run_metrics(
         Its subflow runs (the steps of an observation pipeline).
     """
     recorded = dict(record.metrics) if record is not None else {}
-    duration = _seconds(run.start_time, run.end_time) if run.end_time else None
-    if duration is None and run.start_time is not None and not status.status.is_final:
-        duration = _seconds(run.start_time, datetime.now(UTC))
-    queue_wait = _seconds(run.expected_start_time, run.start_time)
-    steps: dict[str, Any] = {}
-    for child in children:
-        step = child.flow_type.removeprefix("observation_")
-        steps[step] = {
-            "flow_id": str(child.id),
-            "status": child.status,
-            "duration_s": _seconds(child.started_at, child.ended_at),
-            "attempts": child.attempts,
-        }
-    for step, durations in _recorded_steps(recorded).items():
-        steps.setdefault(step, {}).update(durations)
+    figures = run_figures(run, record, children)
     performance = recorded.get("performance")
     performance = performance if isinstance(performance, dict) else {}
-    resources = {
-        key: performance[key]
-        for key in ("cpu_time_s", "peak_rss_mb", "children_rss_mb")
-        if performance.get(key) is not None
-    }
     return {
         "flow_id": status.flow_id,
         "flow_type": status.flow_type.value,
         "status": status.status.value,
-        "duration_s": duration,
-        "queue_wait_s": max(queue_wait, 0.0) if queue_wait is not None else None,
-        "run_count": run.run_count,
-        "retries": max(run.run_count - 1, 0) + sum(max(c.attempts - 1, 0) for c in children),
-        "steps": steps,
-        "resources": resources,
+        "duration_s": figures.get("duration_s"),
+        "queue_wait_s": figures.get("queue_wait_s"),
+        "run_count": figures["run_count"],
+        "retries": figures["retries"],
+        "steps": {
+            step_name(child): {
+                "flow_id": str(child.id),
+                "status": child.status,
+                "duration_s": step_duration(child),
+                "attempts": child.attempts,
+            }
+            for child in children
+        },
+        "resources": {
+            key: performance[key]
+            for key in ("cpu_time_s", "peak_rss_mb", "children_rss_mb")
+            if performance.get(key) is not None
+        },
         "recorded": recorded,
     }
-
-
-def _recorded_steps(recorded: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    steps = recorded.get("steps")
-    if not isinstance(steps, dict):
-        return {}
-    return {str(k): dict(v) for k, v in steps.items() if isinstance(v, dict)}
 
 
 def _record_status(record: FlowRunRecord) -> FlowStatus:
@@ -423,12 +418,6 @@ def _record_status(record: FlowRunRecord) -> FlowStatus:
 
 def _state_type(run: Any) -> str:
     return run.state.type.value if run.state is not None else "SCHEDULED"
-
-
-def _seconds(start: datetime | None, end: datetime | None) -> float | None:
-    if start is None or end is None:
-        return None
-    return round((end - start).total_seconds(), 3)
 
 
 def _iso(value: datetime) -> str:

@@ -18,7 +18,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from pipeline.errors import NotFoundError
-from pipeline.store.catalogue import Catalogue
+from pipeline.store.catalogue import Catalogue, as_uuid
 from pipeline.store.models import Alert, AlertDelivery, AlertRoute, utcnow
 
 __all__ = [
@@ -162,7 +162,7 @@ class AlertStore:
         """An alert's deliveries in the order they were made."""
         query = (
             select(AlertDelivery)
-            .where(AlertDelivery.alert_id == _uuid(alert_id))
+            .where(AlertDelivery.alert_id == as_uuid(alert_id))
             .order_by(AlertDelivery.id)
         )
         with self.catalogue.session() as session:
@@ -188,16 +188,7 @@ class AlertStore:
 
 
 def _alert(session: Session, alert_id: uuid.UUID | str) -> Alert:
-    alert = session.get(Alert, _uuid(alert_id))
+    alert = session.get(Alert, as_uuid(alert_id))
     if alert is None:
         raise NotFoundError(f"no alert {alert_id} in the catalogue: see `astr alerts list`")
     return alert
-
-
-def _uuid(value: uuid.UUID | str) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise NotFoundError(f"{value!r} is not a valid id (expected a UUID)") from None

@@ -21,7 +21,7 @@ from pipeline.store.db import make_engine
 from pipeline.store.models import Candidate, FlowRun, Observation, Product, utcnow
 from pipeline.types import FlowState, FlowType, ObservationStatus
 
-__all__ = ["CANDIDATE_COLUMNS", "Catalogue"]
+__all__ = ["CANDIDATE_COLUMNS", "Catalogue", "as_uuid"]
 
 CANDIDATE_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_err", "snr", "flags", "rb_score")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -275,7 +275,7 @@ class Catalogue:
         step: str | None = None,
     ) -> list[Product]:
         """An observation's products, oldest first, filtered by kind and/or step."""
-        query = select(Product).where(Product.observation_id == _uuid(observation_id))
+        query = select(Product).where(Product.observation_id == as_uuid(observation_id))
         if kind is not None:
             query = query.where(Product.kind == kind)
         if step is not None:
@@ -297,7 +297,7 @@ class Catalogue:
     def delete_product(self, product_id: uuid.UUID | str) -> None:
         """Forget one product record (the stored object is not touched)."""
         with self.session() as session:
-            product = session.get(Product, _uuid(product_id))
+            product = session.get(Product, as_uuid(product_id))
             if product is None:
                 raise NotFoundError(f"no product {product_id} in the catalogue")
             session.delete(product)
@@ -340,7 +340,7 @@ class Catalogue:
         self, observation_id: uuid.UUID | str, *, min_snr: float | None = None
     ) -> list[Candidate]:
         """An observation's candidates in detection order."""
-        query = select(Candidate).where(Candidate.observation_id == _uuid(observation_id))
+        query = select(Candidate).where(Candidate.observation_id == as_uuid(observation_id))
         if min_snr is not None:
             query = query.where(func.abs(Candidate.snr) >= min_snr)
         with self.session() as session:
@@ -380,16 +380,16 @@ class Catalogue:
     ) -> FlowRun:
         """Create the record of a flow run, or return the existing one unchanged."""
         with self.session() as session:
-            existing = session.get(FlowRun, _uuid(flow_run_id))
+            existing = session.get(FlowRun, as_uuid(flow_run_id))
             if existing is not None:
                 return existing
             run = FlowRun(
-                id=_uuid(flow_run_id),
+                id=as_uuid(flow_run_id),
                 flow_type=FlowType(flow_type).value,
                 status=FlowState(status).value,
                 parameters=dict(parameters or {}),
-                observation_id=_uuid(observation_id) if observation_id else None,
-                parent_id=_uuid(parent_id) if parent_id else None,
+                observation_id=as_uuid(observation_id) if observation_id else None,
+                parent_id=as_uuid(parent_id) if parent_id else None,
             )
             session.add(run)
             return run
@@ -406,7 +406,7 @@ class Catalogue:
                 f"allowed: {', '.join(sorted(_FLOW_RUN_FIELDS))}"
             )
         with self.session() as session:
-            run = session.get(FlowRun, _uuid(flow_run_id))
+            run = session.get(FlowRun, as_uuid(flow_run_id))
             if run is None:
                 raise NotFoundError(f"no flow run {flow_run_id} in the catalogue")
             for key, value in changes.items():
@@ -417,14 +417,14 @@ class Catalogue:
                 elif key == "progress" and not 0.0 <= float(value) <= 1.0:
                     raise CatalogueError(f"flow run progress must be within 0-1, got {value}")
                 elif key == "observation_id" and value is not None:
-                    value = _uuid(value)
+                    value = as_uuid(value)
                 setattr(run, key, value)
             return run
 
     def get_flow_run(self, flow_run_id: uuid.UUID | str) -> FlowRun:
         """Return one flow run record; NotFoundError names the id if it is unknown."""
         with self.session() as session:
-            run = session.get(FlowRun, _uuid(flow_run_id))
+            run = session.get(FlowRun, as_uuid(flow_run_id))
             if run is None:
                 raise NotFoundError(f"no flow run {flow_run_id} in the catalogue")
             return run
@@ -475,7 +475,7 @@ class Catalogue:
         """The subflow runs a flow run started, oldest first (one level down)."""
         query = (
             select(FlowRun)
-            .where(FlowRun.parent_id == _uuid(parent_id))
+            .where(FlowRun.parent_id == as_uuid(parent_id))
             .order_by(FlowRun.created_at, FlowRun.id)
         )
         with self.session() as session:
@@ -499,7 +499,7 @@ class Catalogue:
 
     @staticmethod
     def _observation(session: Session, observation_id: uuid.UUID | str) -> Observation:
-        observation = session.get(Observation, _uuid(observation_id))
+        observation = session.get(Observation, as_uuid(observation_id))
         if observation is None:
             raise NotFoundError(f"no observation {observation_id} in the catalogue")
         return observation
@@ -527,7 +527,8 @@ def _flow_run_filter(
     return query
 
 
-def _uuid(value: uuid.UUID | str) -> uuid.UUID:
+def as_uuid(value: uuid.UUID | str) -> uuid.UUID:
+    """A record id as a UUID; NotFoundError (naming the value) when it is not one."""
     if isinstance(value, uuid.UUID):
         return value
     try:

@@ -1,27 +1,16 @@
-"""Catalogue queries of monitoring: a run's step runs, the runs of a time range."""
+"""Catalogue queries of monitoring: the runs of a time range, counts, recent durations."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
 
-from pipeline.errors import NotFoundError
 from pipeline.store.catalogue import Catalogue
 from pipeline.store.models import FlowRun
 
-__all__ = ["child_runs", "ended_since", "run_counts", "runs_between"]
-
-
-def child_runs(catalogue: Catalogue, parent_id: uuid.UUID | str) -> list[FlowRun]:
-    """Flow run records whose parent is ``parent_id`` (a pipeline's step runs), oldest first."""
-    query = (
-        select(FlowRun).where(FlowRun.parent_id == _uuid(parent_id)).order_by(FlowRun.created_at)
-    )
-    with catalogue.session() as session:
-        return list(session.scalars(query))
+__all__ = ["ended_since", "run_counts", "runs_between"]
 
 
 def runs_between(
@@ -53,12 +42,3 @@ def ended_since(
     )
     with catalogue.session() as session:
         return [tuple(row) for row in session.execute(query)]
-
-
-def _uuid(value: uuid.UUID | str) -> uuid.UUID:
-    if isinstance(value, uuid.UUID):
-        return value
-    try:
-        return uuid.UUID(str(value))
-    except ValueError:
-        raise NotFoundError(f"{value!r} is not a valid id (expected a UUID)") from None

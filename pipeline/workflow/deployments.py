@@ -7,6 +7,7 @@ and keeps the partial notebook, marked cancelled.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 __all__ = [
@@ -53,8 +54,12 @@ def model_flows() -> list[Any]:
     ]
 
 
+@functools.cache
 def served_flows() -> dict[str, Any]:
-    """Every flow ``astr worker`` serves, by flow name (``observation_pipeline``...)."""
+    """Every flow ``astr worker`` serves, by flow name (``observation_pipeline``...).
+
+    Built once per process (the API looks a flow up on every request); do not mutate.
+    """
     return {flow.name: flow for flow in [*observation_flows(), *model_flows()]}
 
 

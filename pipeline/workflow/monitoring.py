@@ -31,7 +31,7 @@ import logging
 import resource
 import threading
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -370,7 +370,7 @@ def generate_flow_reports(flow_id: str, time_range: tuple) -> dict:
         See ``pipeline.workflow.flow_reports.summarize_runs``; ``html_path`` is the
         HTML page with the plots, under ``<home>/reports/flows/``.
     """
-    from pipeline.store.flow_stats import child_runs, runs_between
+    from pipeline.store.flow_stats import runs_between
     from pipeline.workflow import flow_reports
 
     since, until = flow_reports.parse_time_range(time_range)
@@ -378,7 +378,7 @@ def generate_flow_reports(flow_id: str, time_range: tuple) -> dict:
     catalogue = _catalogue(config)
     run_id = _as_uuid(flow_id)
     if run_id is not None:
-        records = [catalogue.get_flow_run(run_id), *child_runs(catalogue, run_id)]
+        records = [catalogue.get_flow_run(run_id), *catalogue.child_flow_runs(run_id)]
         records = [r for r in records if since <= r.created_at < until]
     else:
         records = runs_between(catalogue, since, until, resolve_flow_types(flow_id, catalogue))
@@ -703,27 +703,15 @@ def _measure(
     final_state: Any = None,
 ) -> dict[str, Any]:
     """Combine Prefect's view of a run with the catalogue's, store it and return it."""
-    from pipeline.store.flow_stats import child_runs
-    from pipeline.workflow.status import map_state
-
     fresh, _ = _read_prefect_run(str(run.id))
     catalogue = _catalogue(config)
     record = _ensure_record(catalogue, fresh, flow_name)
     state = final_state or fresh.state
-    status = map_state(state.type) if state is not None else FlowState.PENDING
+    figures = run_figures(fresh, record, catalogue.child_flow_runs(record.id), state=state)
+    status = FlowState(figures["state"])
     end = fresh.end_time or (state.timestamp if status.is_final and state is not None else None)
     start = fresh.start_time or record.started_at
-    previous = dict(record.metrics.get("performance") or {})
-    perf: dict[str, Any] = {**previous, "state": status.value}
-    duration = _seconds(start, end or datetime.now(UTC))
-    if duration is not None:
-        perf["duration_s"] = round(duration, 3)
-    wait = _seconds(fresh.expected_start_time, start)
-    if wait is not None:
-        perf["queue_wait_s"] = round(max(wait, 0.0), 3)
-    perf["run_count"] = int(fresh.run_count or 1)
-    perf["retries"] = max(perf["run_count"] - 1, 0)
-    perf.update(_step_figures(record, child_runs(catalogue, record.id)))
+    perf: dict[str, Any] = {**dict(record.metrics.get("performance") or {}), **figures}
     if resources:
         perf.update(resources)
     changes: dict[str, Any] = {"metrics": {"performance": perf}}
@@ -738,20 +726,80 @@ def _measure(
     return perf
 
 
-def _step_figures(record: Any, children: list[Any]) -> dict[str, Any]:
+def run_figures(
+    run: Any,
+    record: Any | None,
+    children: Sequence[Any],
+    *,
+    state: Any = None,
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """A run's performance from Prefect's view of it and the catalogue's records (no I/O).
+
+    Parameters
+    ----------
+    run : prefect FlowRun
+        As read from Prefect (times, run count).
+    record : FlowRun record or None
+        The catalogue's record of the run (start time, the runner's figures).
+    children : list of FlowRun records
+        Its step runs.
+    state : prefect State, optional
+        The state the run is entering (a hook's), when Prefect does not show it yet.
+    now : datetime, optional
+        The end of a run still going (default: now).
+
+    Returns
+    -------
+    dict
+        ``state``, ``duration_s``, ``queue_wait_s``, ``run_count``, ``retries`` and
+        the step figures (``step_durations_s``, ``notebook_durations_s``,
+        ``notebook_attempts``) that apply.
+    """
+    from pipeline.workflow.status import map_state
+
+    state = state or run.state
+    status = map_state(state.type) if state is not None else FlowState.PENDING
+    end = run.end_time or (state.timestamp if status.is_final and state is not None else None)
+    start = run.start_time or (record.started_at if record is not None else None)
+    figures: dict[str, Any] = {"state": status.value}
+    duration = _seconds(start, end or now or datetime.now(UTC))
+    if duration is not None:
+        figures["duration_s"] = round(duration, 3)
+    wait = _seconds(run.expected_start_time, start)
+    if wait is not None:
+        figures["queue_wait_s"] = round(max(wait, 0.0), 3)
+    # a hook can read the run before Prefect counts the run it is in
+    started = 0 if status is FlowState.PENDING else 1
+    figures["run_count"] = int(run.run_count or 0) or started
+    figures["retries"] = max(figures["run_count"] - 1, 0)
+    figures.update(_step_figures(record, children))
+    return figures
+
+
+def step_name(child: Any) -> str:
+    """The pipeline step a step run's record is of (``ingestion``...)."""
+    return child.metrics.get("step") or child.flow_type.removeprefix("observation_")
+
+
+def step_duration(child: Any) -> float | None:
+    """Seconds a step run took: as it measured itself, else from its record's times."""
+    duration = (child.metrics.get("performance") or {}).get("duration_s")
+    return duration if duration is not None else _seconds(child.started_at, child.ended_at)
+
+
+def _step_figures(record: Any | None, children: Sequence[Any]) -> dict[str, Any]:
     """Per-step durations and the runner's attempts, from the run's own or its steps' records."""
     figures: dict[str, Any] = {}
-    own = record.metrics.get("durations")
+    own = record.metrics.get("durations") if record is not None else None
     if isinstance(own, Mapping):
         figures["notebook_durations_s"] = dict(own)
     steps: dict[str, float] = {}
-    attempts = int(record.attempts or 0)
+    attempts = int(record.attempts or 0) if record is not None else 0
     for child in children:
-        name = child.metrics.get("step") or child.flow_type
-        duration = (child.metrics.get("performance") or {}).get("duration_s")
-        if duration is None:
-            duration = _seconds(child.started_at, child.ended_at)
+        duration = step_duration(child)
         if duration is not None:
+            name = step_name(child)
             steps[name] = round(steps.get(name, 0.0) + duration, 3)
         attempts += int(child.attempts or 0)
     if steps:

@@ -8,6 +8,7 @@ update as each notebook cell starts and ends, knows the true ``progress`` and th
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from pipeline.errors import NotFoundError
@@ -15,7 +16,14 @@ from pipeline.store import Catalogue
 from pipeline.store.models import FlowRun as FlowRunRecord
 from pipeline.types import FlowState, FlowStatus, FlowType
 
-__all__ = ["STATE_MAP", "flow_status", "flow_type_of", "get_flow_status", "map_state"]
+__all__ = [
+    "STATE_MAP",
+    "flow_status",
+    "flow_type_of",
+    "get_flow_status",
+    "map_state",
+    "record_corrections",
+]
 
 #: Prefect state type -> pipeline state.
 STATE_MAP: dict[str, FlowState] = {
@@ -93,8 +101,8 @@ def flow_status(flow_run: Any, flow_name: str, record: FlowRunRecord | None = No
 def get_flow_status(flow_run_id: uuid.UUID | str, catalogue: Catalogue) -> FlowStatus:
     """Read a flow run from Prefect (and its catalogue record) and map it.
 
-    A catalogue record left unfinished by a run that was killed is brought in line
-    with Prefect's final state.
+    A catalogue record lagging behind Prefect (a run a worker took up, or killed) is
+    brought in line (:func:`record_corrections`).
 
     Raises
     ------
@@ -115,12 +123,39 @@ def get_flow_status(flow_run_id: uuid.UUID | str, catalogue: Catalogue) -> FlowS
     except NotFoundError:
         record = None
     status = flow_status(run, flow.name, record)
-    if record is not None and status.status.is_final and record.status != status.status.value:
-        # The run ended without writing its record (killed, crashed): Prefect knows.
-        record = catalogue.update_flow_run(
-            run.id,
-            status=status.status,
-            ended_at=run.end_time,
-            error_message=record.error_message or status.error_message,
-        )
+    changes = record_corrections(run, status, record)
+    if changes:
+        catalogue.update_flow_run(run.id, **changes)
     return status
+
+
+def record_corrections(
+    flow_run: Any, status: FlowStatus, record: FlowRunRecord | None
+) -> dict[str, Any]:
+    """Changes that bring a catalogue record in line with Prefect's view of the run.
+
+    Prefect moves a run on without the flow writing its record when a worker takes
+    it up, or kills or crashes it; the record then lags behind.
+
+    Parameters
+    ----------
+    flow_run : prefect FlowRun
+    status : FlowStatus
+        The run's status as :func:`flow_status` maps it.
+    record : FlowRun record or None
+
+    Returns
+    -------
+    dict
+        Keyword arguments for ``Catalogue.update_flow_run``; empty when nothing lags.
+    """
+    if record is None or status.status.value == record.status:
+        return {}
+    changes: dict[str, Any] = {"status": status.status}
+    if status.status.is_final:
+        changes["ended_at"] = flow_run.end_time or datetime.now(UTC)
+        if record.error_message is None and status.error_message:
+            changes["error_message"] = status.error_message
+    if flow_run.start_time is not None and record.started_at is None:
+        changes["started_at"] = flow_run.start_time
+    return changes

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +13,10 @@ from pathlib import Path
 import httpx
 import pytest
 from apistack import TOKENS, ApiStack
+from procs import free_port, stop_group
 
 # Flows the worker must serve before a test starts runs (the slowest to register last).
 _DEPLOYED = ("observation_pipeline/astr", "score_drift/astr")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -35,17 +28,6 @@ def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    os.killpg(process.pid, signal.SIGTERM)
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
 
 
 @contextlib.contextmanager
@@ -61,7 +43,7 @@ def _stack(prefect_server: str, root: Path, *, worker: bool) -> Iterator[ApiStac
         ASTR_ALERTING_ENABLED="false",
         PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING",
     )
-    port = _free_port()
+    port = free_port()
     processes = [_spawn(["api", "--port", str(port)], env, root / "api.log")]
     if worker:
         processes.append(_spawn(["worker"], env, root / "worker.log"))
@@ -95,7 +77,7 @@ def _stack(prefect_server: str, root: Path, *, worker: bool) -> Iterator[ApiStac
         if up and not worker:
             _cancel_leftovers(stack)
         for process in processes:
-            _stop(process)
+            stop_group(process)
 
 
 def _cancel_leftovers(stack: ApiStack) -> None:

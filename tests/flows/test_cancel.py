@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from procs import alive, kernels_under
+from procs import alive, kernels_under, stop_group
 
 from pipeline.config import get_config
 from pipeline.errors import NotFoundError
@@ -105,9 +104,4 @@ def test_cancel_through_prefect_kills_the_kernel_and_marks_the_notebook(
                 assert cancelled, f"{attempt} holds {names}: no cancelled notebook"
                 assert "CANCELLED" in cancelled[0].read_text()
     finally:
-        os.killpg(worker.pid, signal.SIGTERM)
-        try:
-            worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(worker.pid, signal.SIGKILL)
-            worker.wait()
+        stop_group(worker)

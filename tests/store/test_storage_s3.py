@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 from collections.abc import Iterator
 
 import pytest
@@ -12,30 +11,12 @@ from pipeline.config import StorageConfig
 from pipeline.errors import StorageError, StorageKeyError
 from pipeline.store import ArtifactStore, Catalogue, save_product
 
-moto_server = pytest.importorskip("moto.server")
+pytest.importorskip("moto.server")
 pytest.importorskip("s3fs")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
 @pytest.fixture
-def s3_store(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> ArtifactStore:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+def s3_store(s3_endpoint: str, aws_env: None) -> ArtifactStore:
     options = {"endpoint_url": s3_endpoint, "skip_instance_cache": True}
     store = ArtifactStore(StorageConfig("s3", bucket="survey", prefix="astr/dev", options=options))
     if not store.fs.exists("survey"):

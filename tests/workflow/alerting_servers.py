@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from procs import free_port
 
 
 @dataclass
@@ -82,10 +83,3 @@ def smtp_server() -> Iterator[tuple[int, list[Any]]]:
         yield port, envelopes
     finally:
         controller.stop()
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on (now)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from alerting_servers import free_port, http_receiver, smtp_server
+from alerting_servers import http_receiver, smtp_server
+from procs import free_port
 
 from pipeline.config import WorkflowConfig, describe, load_config
 from pipeline.errors import ConfigError, NotFoundError

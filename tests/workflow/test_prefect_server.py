@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from procs import free_port
 
 from pipeline.config import get_config
 from pipeline.errors import ServerError
@@ -31,12 +32,6 @@ from pipeline.workflow.prefect_server import (
 integration = pytest.mark.integration
 # Generous: a loaded CI machine can take well over 15 s to start a server.
 PREFECT_START_TIMEOUT = 180.0
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _astr(*args: str) -> subprocess.CompletedProcess[str]:
@@ -129,7 +124,7 @@ def test_start_run_a_flow_status_stop(server: PrefectServer, tmp_path: Path) -> 
     assert json.loads(server.state_path.read_text())["pid"] == pid
     # This home's server on another port, or a foreign server on this one, is refused.
     with pytest.raises(ServerError, match="already runs at"):
-        server.start_server("127.0.0.1", _free_port())
+        server.start_server("127.0.0.1", free_port())
     other = PrefectServer(dataclasses.replace(server.config, home=tmp_path / "other"))
     with pytest.raises(ServerError, match="already answers"):
         other.start_server("127.0.0.1", server.port)
@@ -151,7 +146,7 @@ def test_start_run_a_flow_status_stop(server: PrefectServer, tmp_path: Path) -> 
 def test_ensure_server_and_the_cli(
     server: PrefectServer, monkeypatch: pytest.MonkeyPatch, prefect_env: None
 ) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}/api"
     monkeypatch.setenv("ASTR_PREFECT_SERVER_URL", url)
     get_config.cache_clear()

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pg  # tests/pg.py (tests/ is on the path through its conftest.py)
 import pytest
+from procs import free_port
 
 from pipeline.config import StorageConfig, describe, load_config, prefect_database_url
 from pipeline.errors import ConfigError, ServerError, StorageError
@@ -39,12 +40,6 @@ TOKEN = "tok-0123456789abcdef-xyz"
 def _server(home: Path) -> PrefectServer:
     config = dataclasses.replace(load_config(environ={}), home=home)
     return PrefectServer(config, start_timeout=PREFECT_START_TIMEOUT)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- database URL ------------------------------------------------------------------------
@@ -174,7 +169,7 @@ def test_postgres_database_is_checked_and_migrated(
 def test_unreachable_postgres_is_a_clear_error(
     postgres: pg.PostgresCluster, tmp_path: Path, change: dict[str, str], message: str
 ) -> None:
-    port = _free_port() if change.get("port") else postgres.port
+    port = free_port() if change.get("port") else postgres.port
     password = change.get("password", postgres.password)
     database = change.get("database", "postgres")
     url = f"postgresql+asyncpg://{postgres.user}:{password}@127.0.0.1:{port}/{database}"
@@ -211,8 +206,8 @@ def _astr(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_start_checks_the_database_and_authentication(tmp_path: Path) -> None:
     home = str(tmp_path / "home")
-    url = f"http://127.0.0.1:{_free_port()}/api"
-    closed = f"postgresql+asyncpg://astr:hunter2@127.0.0.1:{_free_port()}/prefect"
+    url = f"http://127.0.0.1:{free_port()}/api"
+    closed = f"postgresql+asyncpg://astr:hunter2@127.0.0.1:{free_port()}/prefect"
     refused = _astr(
         {"ASTR_HOME": home, "ASTR_PREFECT_SERVER_URL": url, "ASTR_PREFECT_DATABASE_URL": closed},
         "server", "start",
@@ -308,7 +303,7 @@ def test_authentication_reaches_the_server_and_its_clients() -> None:
 
 def test_local_storage_round_trip(tmp_path: Path) -> None:
     # A URL nothing answers on: the block is left for the server's start.
-    url = f"http://127.0.0.1:{_free_port()}/api"
+    url = f"http://127.0.0.1:{free_port()}/api"
     server = PrefectServer(load_config(environ={"ASTR_PREFECT_SERVER_URL": url}))
     storage = StorageConfig("local", str(tmp_path / "artifacts"))
     result = server.configure_storage(storage)
@@ -326,24 +321,6 @@ def test_local_storage_round_trip(tmp_path: Path) -> None:
         server.configure_storage(StorageConfig("local", str(tmp_path / "file" / "artifacts")))
     assert "writable directory" in str(failure.value)
     assert server.config.storage_config == storage  # unchanged after a failure
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    moto_server = pytest.importorskip("moto.server")
-    pytest.importorskip("s3fs")
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
 
 
 def _bucket(endpoint: str, name: str) -> StorageConfig:
