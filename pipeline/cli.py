@@ -159,6 +159,94 @@ def observe(
         raise typer.Exit(1)
 
 
+@app.command("batch")
+def batch(
+    manifest: Annotated[
+        Path,
+        typer.Argument(
+            help="Night manifest CSV (science_path, reference_path, optional name, band, "
+            "mjd...), as for observe --manifest."
+        ),
+    ],
+    task_runner: Annotated[
+        str | None,
+        typer.Option(
+            "--task-runner",
+            help='"threads" (default setting): each pair is a run that any `astr worker` '
+            'takes; "dask", "dask:N" or "dask:tcp://scheduler:8786": each pair runs as a '
+            "task on a Dask cluster started here (N processes) or an existing one.",
+        ),
+    ] = None,
+    as_json: JsonFlag = False,
+    verbose: VerboseFlag = False,
+) -> None:
+    """Run a night's pairs in parallel on the workers (observation_batch flow).
+
+    Unlike observe --manifest, which runs every pipeline in this process, the pairs run
+    as observation_pipeline runs taken by any `astr worker` on any host (start workers
+    first), or on a Dask cluster with --task-runner dask. Prints each pair's result;
+    exits 1 if any pair did not complete.
+    """
+    import os
+
+    if task_runner is not None:
+        from pipeline.config import task_runner_spec
+
+        task_runner_spec(task_runner, "--task-runner")
+        os.environ["ASTR_TASK_RUNNER"] = task_runner
+        get_config.cache_clear()
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING")
+    from pipeline.flows.batch import BatchError, observation_batch_flow, validate_manifest
+    from pipeline.workflow.prefect_server import ensure_server
+
+    items = validate_manifest(manifest)  # a bad row is reported before anything starts
+    config = get_config()
+    url, _ = ensure_server(config)
+    ui = url.removesuffix("/api")
+    if not as_json:
+        console.print(
+            f"{len(items)} pair(s) through task runner {config.task_runner!r}, at most "
+            f"{config.max_concurrent_flows} at once; Prefect: {ui}"
+        )
+    state = observation_batch_flow(str(manifest.resolve()), return_state=True)
+    run_id = state.state_details.flow_run_id
+    if state.is_completed():
+        summary = state.result()
+    else:
+        try:
+            state.result()
+            summary = None
+        except BatchError as exc:
+            summary = exc.summary
+        except Exception as exc:
+            raise AstrError(f"the batch failed: {exc}") from None
+    if as_json:
+        typer.echo(json.dumps({"flow_run_id": str(run_id), **(summary or {})}, indent=2))
+    elif summary is not None:
+        _print_batch(summary, f"{ui}/runs/flow-run/{run_id}")
+    if summary is None or any(p["state"] != "COMPLETED" for p in summary["pairs"].values()):
+        raise typer.Exit(1)
+
+
+def _print_batch(summary: dict[str, Any], link: str) -> None:
+    table = Table(title=f"batch of {summary['total']} ({summary['mode']})")
+    for column in ("pair", "state", "observation", "candidates", "error"):
+        table.add_column(column)
+    for name, pair in summary["pairs"].items():
+        ok = pair["state"] == "COMPLETED"
+        table.add_row(
+            name,
+            pair["state"] if not ok else f"[green]{pair['state']}[/]",
+            pair.get("observation_id", "-"),
+            str(pair.get("candidates", "-")),
+            (pair.get("error") or "").splitlines()[0][:80] if pair.get("error") else "",
+        )
+    console.print(table)
+    counts = ", ".join(f"{n} {state}" for state, n in summary["counts"].items())
+    console.print(f"{counts} in {summary['wall_seconds']:.1f} s; Prefect: {link}")
+
+
 @app.command("worker")
 def worker(
     limit: Annotated[

@@ -38,11 +38,13 @@ __all__ = [
     "PREFECT_DATABASE_DRIVERS",
     "STORAGE_BACKENDS",
     "StorageConfig",
+    "TaskRunnerSpec",
     "WorkflowConfig",
     "describe",
     "get_config",
     "load_config",
     "prefect_database_url",
+    "task_runner_spec",
 ]
 
 ENVIRONMENTS = ("dev", "test", "prod")
@@ -58,6 +60,7 @@ PREFECT_DATABASE_DRIVERS = ("sqlite+aiosqlite", "sqlite", "postgresql+asyncpg", 
 """Drivers of the Prefect server's database; it runs on asyncio, so plain names map to
 ``sqlite+aiosqlite`` and ``postgresql+asyncpg``."""
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_TASK_RUNNER_EXAMPLES = '"threads", "dask", "dask:4" or "dask:tcp://scheduler:8786"'
 
 _PREFIX = "ASTR_"
 _MASK = "****"
@@ -124,6 +127,7 @@ class WorkflowConfig:
     optuna_storage_url: str = ""
     log_level: str = "INFO"
     prefect_database_url: str = ""
+    task_runner: str = "threads"
     api_tokens: tuple[str, ...] = field(default=(), repr=False)
     prefect_api_auth_string: str | None = field(default=None, repr=False)
     alerting: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +152,7 @@ _DEFAULTS: dict[str, Any] = {
     "log_level": "INFO",
     "alerting": {},
     "prefect_database_url": "",
+    "task_runner": "threads",
 }
 _STORAGE_DEFAULTS: dict[str, Any] = {
     "backend": "local",
@@ -286,7 +291,9 @@ def _build(
         )
         if values["prefect_database_url"]
         else "",
+        "task_runner": str(values["task_runner"]).strip(),
     }
+    task_runner_spec(kwargs["task_runner"], where("task_runner"))  # refuse a bad value now
     for key in _BOOL_FIELDS:
         kwargs[key] = _as_bool(where(key), values[key])
     for key, (low, high) in _INT_RANGES.items():
@@ -611,3 +618,68 @@ def _mask_options(options: dict[str, Any]) -> dict[str, Any]:
         k: (_MASK if any(w in k.lower() for w in _SECRET_WORDS) and k != "endpoint_url" else v)
         for k, v in options.items()
     }
+
+
+@dataclass(frozen=True)
+class TaskRunnerSpec:
+    """How ``observation_batch_flow`` runs its pairs, parsed from the ``task_runner`` setting.
+
+    Parameters
+    ----------
+    kind : str
+        ``"threads"``: each pair is a run of the ``observation_pipeline`` deployment, taken
+        by any ``astr worker``; ``"dask"``: each pair runs as a task on a Dask cluster.
+    workers : int or None
+        Worker processes of the local Dask cluster the batch starts (``None``: as many
+        as ``max_concurrent_flows``); ``None`` with ``address``.
+    address : str or None
+        Scheduler of an existing Dask cluster (``tcp://scheduler:8786``).
+    """
+
+    kind: str
+    workers: int | None = None
+    address: str | None = None
+
+
+def task_runner_spec(value: str, where: str = "task_runner") -> TaskRunnerSpec:
+    """Parse the ``task_runner`` setting.
+
+    Parameters
+    ----------
+    value : str
+        ``"threads"``, ``"dask"`` (a local cluster), ``"dask:N"`` (a local cluster of N
+        worker processes) or ``"dask:<scheme>://host:port"`` (an existing scheduler).
+    where : str
+        Name of the setting and where it came from, for the error message.
+
+    Returns
+    -------
+    TaskRunnerSpec
+
+    Raises
+    ------
+    ConfigError
+        If the value is none of those forms.
+    """
+    text = str(value).strip()
+    if text == "threads":
+        return TaskRunnerSpec("threads")
+    if text == "dask":
+        return TaskRunnerSpec("dask")
+    if text.startswith("dask:"):
+        rest = text.removeprefix("dask:")
+        if rest.isdigit() and 1 <= int(rest) <= 256:
+            return TaskRunnerSpec("dask", workers=int(rest))
+        parts = urlsplit(rest)
+        if parts.scheme in ("tcp", "tls", "ucx", "inproc", "ws", "wss") and parts.hostname:
+            if parts.port is None and parts.scheme != "inproc":
+                raise ConfigError(
+                    f"{where}={value!r} names no port: give the scheduler's address with "
+                    "its port, e.g. dask:tcp://scheduler:8786"
+                )
+            return TaskRunnerSpec("dask", address=rest)
+    raise ConfigError(
+        f"{where}={value!r} is not a task runner; use one of {_TASK_RUNNER_EXAMPLES} "
+        "(dask:N starts a local cluster of N worker processes, dask:<address> uses "
+        "an existing scheduler)"
+    )

@@ -18,7 +18,14 @@ from astropy.table import Table
 from pipeline.science import io
 from pipeline.science.simulate import simulate_pair
 
-__all__ = ["DemoPair", "Recovery", "score_candidates", "simulate_night", "write_manifest"]
+__all__ = [
+    "DemoPair",
+    "Recovery",
+    "jittered_night",
+    "score_candidates",
+    "simulate_night",
+    "write_manifest",
+]
 
 #: Transients brighter than this (injected S/N) are the ones a survey expects to find.
 DETECTABLE_SNR = 7.0
@@ -88,6 +95,42 @@ def simulate_night(
         io.write_image(pair.reference, reference)
         pair.truth.write(truth, format="ascii.ecsv", overwrite=True)
         made.append(DemoPair(name, science, reference, truth))
+    return made
+
+
+def jittered_night(
+    science: Path,
+    reference: Path,
+    folder: Path,
+    *,
+    pairs: int,
+    seed: int = 0,
+    jitter: float = 0.05,
+) -> list[DemoPair]:
+    """Write ``pairs`` distinct copies of one science image, each against ``reference``.
+
+    Each copy adds its own seeded Gaussian noise of ``jitter`` times the image's robust
+    standard deviation, so each is a new observation (observations are identified by
+    their inputs' checksums) that the pipeline treats as the original. Meant for load
+    tests: thousands of pairs in seconds, every one as well-behaved as the original.
+    The header (and WCS) is kept; ``truth_path`` is empty (nothing is injected).
+    """
+    from astropy.io import fits
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with fits.open(science) as hdus:
+        index = next(i for i, hdu in enumerate(hdus) if hdu.data is not None)
+        data = np.asarray(hdus[index].data, dtype=np.float32)
+        header = hdus[index].header.copy()
+    finite = data[np.isfinite(data)]
+    sigma = 1.4826 * float(np.median(np.abs(finite - np.median(finite)))) * jitter
+    made = []
+    for i in range(pairs):
+        name = f"pair-{i + 1:04d}"
+        noise = np.random.default_rng([seed, i]).normal(0.0, sigma, data.shape)
+        path = folder / f"{name}_science.fits"
+        fits.PrimaryHDU((data + noise).astype(np.float32), header).writeto(path, overwrite=True)
+        made.append(DemoPair(name, path, Path(reference).resolve(), folder / f"{name}_truth.ecsv"))
     return made
 
 

@@ -80,11 +80,13 @@ def check_parameters(flow: Any, body: Any) -> dict[str, Any]:
 @functools.cache
 def parameter_checks() -> dict[str, Callable[[Any], Any]]:
     """Parameter name -> the pipeline's validator for it (raises on a bad value)."""
+    from pipeline.flows.batch import validate_manifest
     from pipeline.flows.steps import parse_observation_data
     from pipeline.ml.search import validate_search_space
 
     return {
         "observation_data": parse_observation_data,
+        "manifest": validate_manifest,  # an existing, readable CSV whose rows all check out
         "search_space": validate_search_space,
         "model_id": _model_id,
         "model_type": _model_type,

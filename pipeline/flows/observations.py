@@ -9,6 +9,7 @@ first step that did not runs. ``force`` in ``observation_data`` reruns everythin
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import uuid
 from collections.abc import Iterator
@@ -80,6 +81,12 @@ __all__ = [
 
 #: Candidates shown in the Prefect table artifact (the full list is candidates.ecsv).
 TABLE_ROWS = 50
+
+#: The batch run a pipeline runs for when a batch runs it in-process (on a Dask worker);
+#: the pipeline's catalogue record names it as its parent, as for one through a deployment.
+batch_parent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "astr_batch_parent", default=None
+)
 
 
 # -- the notebook task ---------------------------------------------------------------
@@ -220,7 +227,14 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     logger = get_run_logger()
     with _flow_body(), observation_slot(config.max_concurrent_flows):
         catalogue = get_catalogue(config)
-        _record_run(catalogue, run_id, FlowType.OBSERVATION_PIPELINE, observation_data, None)
+        _record_run(
+            catalogue,
+            run_id,
+            FlowType.OBSERVATION_PIPELINE,
+            observation_data,
+            None,
+            batch_parent.get(),
+        )
         reporter = ProgressReporter(
             catalogue, run_id, key="progress-pipeline", hook=progress_hook.get()
         )
