@@ -23,16 +23,19 @@ import secrets
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 from procs import free_port
 
 __all__ = [
+    "REQUIRE_VARIABLE",
     "PostgresCluster",
     "find_bindir",
+    "postgres_required",
     "running_cluster",
     "skip_unless_postgres",
 ]
@@ -41,6 +44,8 @@ __all__ = [
 _DEFAULT_BINDIRS = ("/usr/lib/postgresql/15/bin", "/usr/lib/postgresql/16/bin")
 _SYSTEM_USER = "postgres"
 _START_TIMEOUT = 60
+#: Set to 1 to make a missing PostgreSQL fail the tests that need it (CI) instead of skipping.
+REQUIRE_VARIABLE = "REQUIRE_POSTGRES"
 
 
 @dataclass(frozen=True)
@@ -90,8 +95,28 @@ class PostgresCluster:
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete the cluster's directory."""
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+            self.stop_server()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+    def start_server(self) -> None:
+        """Start the server on the cluster's data, port and options; waits until it accepts."""
+        options = (
+            f"-c listen_addresses=127.0.0.1 -p {self.port} "
+            f"-c unix_socket_directories={self.directory} -c fsync=off -c full_page_writes=off"
+        )
+        self._run(
+            "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", options,
+            "-w", "-t", str(_START_TIMEOUT), "start",
+        )  # fmt: skip
+
+    def stop_server(self) -> None:
+        """Stop the server (fast shutdown: open connections are cut), keeping its data."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+
+    def restart(self) -> None:
+        """Stop and start the server: every client connection is cut, the data stays."""
+        self.stop_server()
+        self.start_server()
 
     def _run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
         command = [str(self.bindir / program), *args]
@@ -110,8 +135,21 @@ class PostgresCluster:
 
 
 def find_bindir() -> Path | None:
-    """Directory holding ``initdb`` and ``pg_ctl``, or None when PostgreSQL is absent."""
-    candidates = [os.environ.get("POSTGRES_BIN_DIR", ""), *_DEFAULT_BINDIRS]
+    """Directory holding ``initdb`` and ``pg_ctl``, or None when PostgreSQL is absent.
+
+    Looked for in ``POSTGRES_BIN_DIR``, then Debian/Ubuntu's ``/usr/lib/postgresql/15``
+    and ``16``, then any other version there (newest first), then ``PATH``.
+    """
+    installed = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin"),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else -1,
+        reverse=True,
+    )
+    candidates = [
+        os.environ.get("POSTGRES_BIN_DIR", ""),
+        *_DEFAULT_BINDIRS,
+        *(str(path) for path in installed),
+    ]
     on_path = shutil.which("initdb")
     if on_path:
         candidates.append(str(Path(on_path).parent))
@@ -122,13 +160,29 @@ def find_bindir() -> Path | None:
 
 
 def skip_unless_postgres() -> Path:
-    """The binaries' directory; skips the calling test when they or a usable user are missing."""
+    """The binaries' directory; skips the calling test when they or a usable user are missing.
+
+    With ``REQUIRE_POSTGRES=1`` in the environment (``.ci/run`` sets it) the test fails
+    instead: continuous integration must run the PostgreSQL tests, not skip them.
+    """
     bindir = find_bindir()
     if bindir is None:
-        pytest.skip("PostgreSQL server binaries not found (set POSTGRES_BIN_DIR)")
+        _unavailable("PostgreSQL server binaries not found (set POSTGRES_BIN_DIR)")
     if os.geteuid() == 0 and (_system_user() is None or shutil.which("runuser") is None):
-        pytest.skip("running as root without a 'postgres' user and runuser to start PostgreSQL")
+        _unavailable("running as root without a 'postgres' user and runuser to start PostgreSQL")
     return bindir
+
+
+def postgres_required(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether ``REQUIRE_POSTGRES`` asks for a failure rather than a skip."""
+    value = (os.environ if environ is None else environ).get(REQUIRE_VARIABLE, "")
+    return value.strip().lower() in ("1", "true", "yes", "on")
+
+
+def _unavailable(reason: str) -> NoReturn:
+    if postgres_required():
+        pytest.fail(f"{reason}; {REQUIRE_VARIABLE} is set, so PostgreSQL tests may not be skipped")
+    pytest.skip(reason)
 
 
 @contextlib.contextmanager
@@ -165,14 +219,7 @@ def _start(bindir: Path) -> PostgresCluster:
             "--encoding=UTF8",
             "--no-sync",
         )
-        options = (
-            f"-c listen_addresses=127.0.0.1 -p {cluster.port} "
-            f"-c unix_socket_directories={directory} -c fsync=off -c full_page_writes=off"
-        )
-        cluster._run(
-            "pg_ctl", "-D", str(cluster.data), "-l", str(cluster.log), "-o", options,
-            "-w", "-t", str(_START_TIMEOUT), "start",
-        )  # fmt: skip
+        cluster.start_server()
     except BaseException:
         cluster.stop()
         raise

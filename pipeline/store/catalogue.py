@@ -11,7 +11,8 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, func, select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.config import WorkflowConfig
@@ -21,7 +22,7 @@ from pipeline.store.db import make_engine
 from pipeline.store.models import Candidate, FlowRun, Observation, Product, utcnow
 from pipeline.types import FlowState, FlowType, ObservationStatus
 
-__all__ = ["CANDIDATE_COLUMNS", "Catalogue", "as_uuid"]
+__all__ = ["CANDIDATE_COLUMNS", "Catalogue", "as_uuid", "unreachable_message"]
 
 CANDIDATE_COLUMNS = ("x", "y", "ra", "dec", "flux", "flux_err", "snr", "flags", "rb_score")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -58,7 +59,8 @@ class Catalogue:
         self.database_url = database_url
         self.engine: Engine = make_engine(database_url)
         if migrate_schema:
-            migrate.upgrade(self.engine)
+            with self._reachable():
+                migrate.upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @classmethod
@@ -78,9 +80,28 @@ class Catalogue:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session that commits on success and rolls back on any error."""
-        with self._sessions() as session, session.begin():
+        """A session that commits on success and rolls back on any error.
+
+        Raises
+        ------
+        CatalogueError
+            When a database server (PostgreSQL) cannot be reached or drops the
+            connection; the message names the database with its password masked.
+            Pooled connections are checked before use, so the next session after the
+            server is back works without reopening the catalogue.
+        """
+        with self._reachable(), self._sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn a lost or refused server connection into a CatalogueError that says so."""
+        try:
+            yield
+        except (OperationalError, InterfaceError) as exc:
+            if self.engine.dialect.name == "sqlite":
+                raise  # a file, not a server: "database is locked" and such keep their type
+            raise CatalogueError(unreachable_message(self.database_url, exc)) from exc
 
     # -- observations ---------------------------------------------------------------
 
@@ -525,6 +546,43 @@ def _flow_run_filter(
     if top_level:
         query = query.where(FlowRun.parent_id.is_(None))
     return query
+
+
+def unreachable_message(database_url: str, error: BaseException) -> str:
+    """What to tell a user whose catalogue database server cannot be reached.
+
+    Parameters
+    ----------
+    database_url : str
+        The catalogue's SQLAlchemy URL; shown with its password masked.
+    error : BaseException
+        The driver's error (SQLAlchemy's wrapper or the DBAPI exception itself).
+
+    Returns
+    -------
+    str
+    """
+    try:
+        shown = make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        shown = "the configured database_url"
+    cause = getattr(error, "orig", None) or error
+    detail = " ".join(str(cause).split())[:300] or type(cause).__name__
+    password = _password(database_url)
+    if password:
+        detail = detail.replace(password, "***")
+    return (
+        f"cannot reach the catalogue database {shown} ({detail}): check that the database "
+        "server is running and accepts connections there, and that ASTR_DATABASE_URL is "
+        "right; the catalogue reconnects by itself once the server is back"
+    )
+
+
+def _password(database_url: str) -> str | None:
+    try:
+        return make_url(database_url).password
+    except ArgumentError:
+        return None
 
 
 def as_uuid(value: uuid.UUID | str) -> uuid.UUID:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import random
 import sqlite3
 import time
@@ -11,7 +13,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
 
-__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "make_engine"]
+__all__ = ["SQLITE_BUSY_TIMEOUT_MS", "json_dumps", "make_engine"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -35,7 +37,10 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
     sqlalchemy.Engine
     """
     url = make_url(database_url)
+    kwargs.setdefault("json_serializer", json_dumps)
     if url.get_backend_name() != "sqlite":
+        # A pooled connection is checked before use: after a server restart the pool
+        # reconnects instead of handing out a dead connection.
         return create_engine(url, pool_pre_ping=True, **kwargs)
     if url.database and url.database != ":memory:":
         Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -43,6 +48,35 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def json_dumps(value: Any) -> str:
+    """JSON text of a column value, with NaN and infinities stored as ``null``.
+
+    PostgreSQL refuses ``NaN`` in JSON (it is not JSON) while SQLite keeps it, so a
+    candidate's non-finite property would fail on one backend only; as for the float
+    columns, a missing number is stored as NULL on every backend.
+
+    Parameters
+    ----------
+    value : object
+        JSON-serialisable data (dicts, lists, strings, numbers, booleans, None).
+
+    Returns
+    -------
+    str
+    """
+    return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -1,10 +1,13 @@
-"""Catalogue CRUD on SQLite."""
+"""Catalogue CRUD on SQLite and on PostgreSQL (a throwaway cluster, ``tests/pg.py``)."""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import pg  # tests/pg.py (tests/ is on the path through its conftest.py)
 import pytest
 
 from pipeline.errors import CatalogueError, NotFoundError
@@ -13,6 +16,28 @@ from pipeline.types import FlowState, FlowType, ObservationStatus
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[pg.PostgresCluster]:
+    with pg.running_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.integration)],
+)
+def catalogue(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Catalogue]:
+    """A migrated, empty catalogue on each backend (a new PostgreSQL database per test)."""
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path / 'catalogue.db'}"
+    else:
+        cluster: pg.PostgresCluster = request.getfixturevalue("postgres")
+        name = f"cat_{uuid.uuid4().hex[:12]}"
+        cluster.create_database(name)
+        url = cluster.url(name, driver="postgresql+psycopg")
+    with Catalogue(url) as cat:
+        yield cat
 
 
 def test_add_and_get_observation(catalogue: Catalogue) -> None:
@@ -131,6 +156,8 @@ def test_candidates_replace_earlier_run(catalogue: Catalogue) -> None:
             "flags": 0,
             "rb_score": float("nan"),
             "fwhm": 3.9,
+            "catalog_sep_arcsec": float("nan"),  # no match: JSON has no NaN
+            "shape": [1.0, float("inf")],
         },
         {"x": 100.0, "y": 5.0, "snr": -7.5, "flags": 4},
     ]
@@ -138,7 +165,7 @@ def test_candidates_replace_earlier_run(catalogue: Catalogue) -> None:
     stored = catalogue.candidates(obs.id)
     assert [(c.number, c.x, c.y) for c in stored] == [(0, 10.5, 20.25), (1, 100.0, 5.0)]
     assert stored[0].rb_score is None  # NaN stored as NULL
-    assert stored[0].properties == {"fwhm": 3.9}
+    assert stored[0].properties == {"fwhm": 3.9, "catalog_sep_arcsec": None, "shape": [1.0, None]}
     assert stored[1].flags == 4
     assert [c.number for c in catalogue.candidates(obs.id, min_snr=10)] == [0]
     assert catalogue.replace_candidates(obs.id, rows[:1], run_id="r2") == 1
