@@ -17,9 +17,8 @@ from prefect import flow, get_run_logger
 
 from pipeline.config import get_config
 from pipeline.errors import AstrError
-from pipeline.flows.runtime import get_catalogue
+from pipeline.flows.runtime import get_catalogue, model_registry
 from pipeline.ml.drift import PSI_ALERT, check_drift
-from pipeline.ml.registry import ModelRegistry
 from pipeline.workflow.monitoring import monitoring_hooks
 
 __all__ = ["drift_window", "score_drift_flow"]
@@ -61,7 +60,7 @@ def score_drift_flow(
     """
     settings = get_config()
     start, end = drift_window(since, until)
-    registry = ModelRegistry(settings.mlflow_tracking_uri)
+    registry = model_registry(settings)
     version = registry.holder(environment)
     if version is None:
         raise AstrError(f"no model is deployed to {environment}: nothing to check")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import os
 import shutil
 import threading
 import time
@@ -19,9 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import WorkflowConfig
+from pipeline.config import StorageConfig, WorkflowConfig
 from pipeline.errors import CatalogueError
 from pipeline.flows.publish import publish
+from pipeline.ml.registry import ModelRegistry
 from pipeline.runner import Attempt, KernelPool, NotebookRunner
 from pipeline.store import ArtifactStore, Catalogue
 from pipeline.store.models import Product
@@ -31,15 +33,20 @@ from pipeline.store.storage import sha256_file
 __all__ = [
     "PipelineContext",
     "ProgressReporter",
+    "close_catalogues",
     "download",
     "emit",
     "flow_run_id",
     "get_catalogue",
     "get_runner",
     "local_copy",
+    "mlflow_artifact_root",
+    "model_registry",
     "pipeline_context",
     "progress_hook",
     "register_file",
+    "s3_endpoint",
+    "use_storage_for_mlflow",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,6 +67,20 @@ def get_catalogue(config: WorkflowConfig) -> Catalogue:
             catalogue = Catalogue.from_config(config)
             _CATALOGUES[config.database_url] = catalogue
         return catalogue
+
+
+def close_catalogues() -> None:
+    """Close the catalogue connections :func:`get_catalogue` keeps for this process.
+
+    The next :func:`get_catalogue` opens them again. For a process about to exit or
+    fork, and for tests: a database server's pooled connections are then closed
+    cleanly rather than dropped when the interpreter ends.
+    """
+    with _LOCK:
+        catalogues = list(_CATALOGUES.values())
+        _CATALOGUES.clear()
+    for catalogue in catalogues:
+        catalogue.close()
 
 
 def get_runner(config: WorkflowConfig) -> NotebookRunner:
@@ -89,6 +110,70 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
         return runner
 
 
+#: Where MLflow's S3 artifact store (boto3) reads a non-AWS endpoint from.
+MLFLOW_S3_ENDPOINT_VARIABLE = "MLFLOW_S3_ENDPOINT_URL"
+
+
+def mlflow_artifact_root(storage: StorageConfig, tracking_uri: str) -> str | None:
+    """Where new MLflow experiments keep their artifacts, given the artifact storage.
+
+    Parameters
+    ----------
+    storage : StorageConfig
+        The configured artifact storage.
+    tracking_uri : str
+        The MLflow tracking URI.
+
+    Returns
+    -------
+    str or None
+        ``<storage url>/mlflow`` on S3; ``<storage root>/mlflow`` for a local store
+        with a database server as tracking store (not MLflow's ``./mlruns`` under
+        whatever directory the process started in); None for a SQLite tracking file,
+        whose artifacts stay beside it.
+    """
+    if storage.backend != "local":
+        return f"{storage.url}/mlflow"
+    if tracking_uri.startswith("sqlite:"):
+        return None
+    return str(Path(storage.root) / "mlflow")
+
+
+def s3_endpoint(storage: StorageConfig) -> str | None:
+    """The S3-compatible endpoint of the storage options (``endpoint_url``), if any."""
+    if storage.backend != "s3":
+        return None
+    options = storage.options or {}
+    endpoint = options.get("endpoint_url") or (options.get("client_kwargs") or {}).get(
+        "endpoint_url"
+    )
+    return str(endpoint) if endpoint else None
+
+
+def use_storage_for_mlflow(storage: StorageConfig) -> None:
+    """Let MLflow reach the configured S3 endpoint when it logs or loads artifacts.
+
+    MLflow's S3 artifact store takes a non-AWS endpoint only from the
+    ``MLFLOW_S3_ENDPOINT_URL`` environment variable; this sets it (for this process
+    and the kernels it starts) from ``storage.options.endpoint_url``. Credentials come
+    from the usual ``AWS_*`` variables. Nothing changes for a local store or AWS itself.
+    """
+    endpoint = s3_endpoint(storage)
+    if endpoint:
+        os.environ[MLFLOW_S3_ENDPOINT_VARIABLE] = endpoint
+
+
+def model_registry(config: WorkflowConfig) -> ModelRegistry:
+    """The model registry of these settings, with artifacts where the storage is.
+
+    New experiments keep their artifacts under :func:`mlflow_artifact_root`, and the
+    S3 endpoint reaches MLflow for logging and loading (:func:`use_storage_for_mlflow`).
+    """
+    use_storage_for_mlflow(config.storage_config)
+    root = mlflow_artifact_root(config.storage_config, config.mlflow_tracking_uri)
+    return ModelRegistry(config.mlflow_tracking_uri, artifact_root=root)
+
+
 def production_model(config: WorkflowConfig) -> dict[str, Any] | None:
     """The model behind the ``production`` alias, as validation-step parameters.
 
@@ -98,6 +183,7 @@ def production_model(config: WorkflowConfig) -> dict[str, Any] | None:
     """
     from pipeline.ml.serving import deployed_model
 
+    use_storage_for_mlflow(config.storage_config)
     try:
         served = deployed_model(
             config.mlflow_tracking_uri, "production", cache_dir=Path(config.home) / "models"

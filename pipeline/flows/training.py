@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from pipeline.config import WorkflowConfig, get_config
 from pipeline.errors import AstrError
-from pipeline.flows.runtime import get_runner
+from pipeline.flows.runtime import get_runner, model_registry
 from pipeline.ml.data import CandidateDataset, load_dataset, save_dataset
 from pipeline.ml.evaluate import Evaluation
 from pipeline.ml.merge import merge_datasets
@@ -126,7 +126,7 @@ def _notebook(name: str) -> Path:
 
 
 def _registry(config: WorkflowConfig) -> ModelRegistry:
-    return ModelRegistry(config.mlflow_tracking_uri)
+    return model_registry(config)
 
 
 def _version(model_id: str) -> int:

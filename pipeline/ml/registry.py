@@ -87,9 +87,12 @@ class ModelRegistry:
     Parameters
     ----------
     tracking_uri : str
-        Any MLflow tracking URI (``sqlite:///.../mlflow.db`` by default in the config).
-    artifact_root : path, optional
-        Where a new experiment keeps its artifacts (default: next to a SQLite file).
+        Any MLflow tracking URI (``sqlite:///.../mlflow.db`` by default in the config,
+        ``postgresql+psycopg://...`` on a cluster).
+    artifact_root : str or path, optional
+        Where a new experiment keeps its artifacts: a directory or a URL such as
+        ``s3://bucket/prefix/mlflow`` (default: next to a SQLite file; MLflow's own
+        default otherwise). Experiments that exist already keep their location.
     """
 
     def __init__(self, tracking_uri: str, artifact_root: str | Path | None = None) -> None:
@@ -99,7 +102,7 @@ class ModelRegistry:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if artifact_root is None and tracking_uri.startswith("sqlite:///"):
             artifact_root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
-        self.artifact_root = Path(artifact_root) if artifact_root is not None else None
+        self.artifact_root = _artifact_location(artifact_root)
 
     # -- logging ---------------------------------------------------------------------
 
@@ -352,8 +355,7 @@ class ModelRegistry:
         found = self.client.get_experiment_by_name(EXPERIMENT)
         if found is not None:
             return found.experiment_id
-        location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-        return self.client.create_experiment(EXPERIMENT, artifact_location=location)
+        return self.client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root)
 
     def _ensure_registered(self) -> None:
         from mlflow.exceptions import MlflowException
@@ -364,6 +366,15 @@ class ModelRegistry:
             self.client.create_registered_model(
                 MODEL_NAME, description="Real/bogus classifier of difference-image candidates"
             )
+
+
+def _artifact_location(root: str | Path | None) -> str | None:
+    """An artifact root as MLflow takes it: a URL as given, a directory as ``file://``."""
+    if root is None or root == "":
+        return None
+    if isinstance(root, str) and "://" in root:
+        return root.rstrip("/")
+    return Path(root).resolve().as_uri()
 
 
 def _check_environment(environment: str) -> None:
