@@ -105,6 +105,7 @@ def running_stack(
         PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL="WARNING",
     )
     base.update(env or {})
+    root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     processes = [spawn_astr(["api", "--port", str(port)], base, root / "api.log")]
     for number in range(workers):

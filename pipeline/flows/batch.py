@@ -26,6 +26,7 @@ cancelling what has not ended, when nothing in the batch changed state for
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -61,6 +62,8 @@ __all__ = [
     "observation_batch_flow",
     "validate_manifest",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the pairs' states.
 POLL_SECONDS = 2.0
@@ -408,7 +411,7 @@ def _read_runs(client: Any, run_ids: list[str]) -> dict[str, Any]:
                 flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=chunk)), limit=PAGE
             )
         except Exception as exc:  # the server may blink (restart): look again next poll
-            get_run_logger().warning("could not read the pairs' states: %s", exc)
+            log.warning("could not read the pairs' states: %s", exc)
             continue
         found.update({str(run.id): run for run in runs})
     return found
