@@ -58,6 +58,7 @@ from pipeline.workflow import server_config
 __all__ = [
     "DEFAULT_START_TIMEOUT",
     "DEFAULT_STOP_TIMEOUT",
+    "LEASE_STORAGE",
     "PrefectServer",
     "ServerState",
     "api_url_for",
@@ -76,6 +77,9 @@ DEFAULT_START_TIMEOUT = 60.0
 """Seconds to wait for a new server's health endpoint (a loaded machine takes 15 s or more)."""
 DEFAULT_STOP_TIMEOUT = 10.0
 """Seconds between SIGTERM and SIGKILL when stopping the server."""
+
+LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
+"""Where the server keeps concurrency leases: files that outlive a restart of the server."""
 
 _POLL_INTERVAL = 0.25
 _LOG_TAIL_LINES = 40
@@ -516,8 +520,9 @@ class PrefectServer:
         -------
         dict
             ``PREFECT_HOME``, the database's connection URL, analytics off, host and port,
-            ``PREFECT_API_URL`` (the UI's API address) and, when configured, the
-            basic-auth string.
+            ``PREFECT_API_URL`` (the UI's API address), concurrency leases kept on disk
+            (:data:`LEASE_STORAGE`, unless the environment names another storage) and,
+            when configured, the basic-auth string.
         """
         env = dict(os.environ)
         env.update(
@@ -528,6 +533,11 @@ class PrefectServer:
             PREFECT_SERVER_API_PORT=str(port),
             PREFECT_API_URL=api_url_for(host, port),
         )
+        # Concurrency leases (the global limit's slots, deployment slots) in files under
+        # PREFECT_HOME, not in the server's memory: a restarted server still knows the
+        # leases of running flows, which renew and release them as before, instead of
+        # failing their renewal (and cancelling them) and leaking their slots for ever.
+        env.setdefault("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", LEASE_STORAGE)
         # An inherited legacy spelling must not point the server at another database.
         env.pop("PREFECT_API_DATABASE_CONNECTION_URL", None)
         env.pop("PREFECT_SERVER_API_AUTH_STRING", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -60,3 +61,46 @@ def test_prompt_heartbeats_replace_prefects_thread(prefect_server_url):
 def test_without_prompt_heartbeats_prefect_keeps_its_own(prefect_server_url):
     result = _probe()
     assert result["prefect_interval"] is not None
+
+
+@pytest.fixture
+def _restore_prefect_settings():
+    """Rebuild Prefect's settings from the (restored) environment after the test."""
+    from pipeline.workflow.prefect_server import refresh_prefect_settings
+
+    yield
+    refresh_prefect_settings()
+
+
+@pytest.mark.usefixtures("_restore_prefect_settings")
+def test_worker_heartbeats_default_to_30_s_unless_set(monkeypatch):
+    from pipeline.workflow.heartbeats import WORKER_HEARTBEAT_SECONDS, worker_heartbeats
+
+    for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+        monkeypatch.delenv(name, raising=False)
+    assert worker_heartbeats() == WORKER_HEARTBEAT_SECONDS == 30
+    assert os.environ["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # for its flow processes
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "90")
+    assert worker_heartbeats() == 90
+
+
+def test_crash_detection_is_one_automation_watching_deployment_runs(prefect_server_url):
+    from prefect.client.orchestration import get_client
+
+    from pipeline.workflow.heartbeats import CRASH_AUTOMATION, ensure_crash_detection
+
+    first = ensure_crash_detection(60)
+    try:
+        assert ensure_crash_detection(30) == first  # updated, not doubled
+        with get_client(sync_client=True) as client:
+            (automation,) = client.read_automations_by_name(CRASH_AUTOMATION)
+        trigger = automation.trigger
+        assert trigger.posture.value == "Proactive" and trigger.after == {HEARTBEAT_EVENT}
+        assert trigger.within.total_seconds() == 2 * 30 + 5
+        assert "prefect.flow-run.Completed" in trigger.expect
+        assert trigger.match_related.root == {"prefect.resource.role": "deployment"}
+        assert automation.actions[0].state.value == "CRASHED"
+        assert ensure_crash_detection(None) is None  # heartbeats off: nothing to detect
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_automation(first)

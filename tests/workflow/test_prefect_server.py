@@ -235,6 +235,19 @@ def test_addresses_and_log_tail(tmp_path: Path) -> None:
     assert tail_lines(tmp_path / "missing.log") == []
 
 
+def test_server_keeps_concurrency_leases_on_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Leases in the server's memory die with it: a restart would cancel running flows."""
+    from pipeline.workflow.prefect_server import LEASE_STORAGE
+
+    monkeypatch.delenv("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", raising=False)
+    env = PrefectServer(get_config()).server_environment("127.0.0.1", 4200)
+    assert env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == LEASE_STORAGE
+    assert LEASE_STORAGE.endswith(".filesystem")
+    monkeypatch.setenv("PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE", "prefect_redis.lease_storage")
+    env = PrefectServer(get_config()).server_environment("127.0.0.1", 4200)
+    assert env["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == "prefect_redis.lease_storage"
+
+
 @integration
 def test_session_fixture_points_prefect_at_its_server(prefect_server: str) -> None:
     from prefect.settings import get_current_settings
