@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,7 @@ from pipeline.workflow.cancellation import CancelWatcher
 from pipeline.workflow.concurrency import observation_slot
 from pipeline.workflow.heartbeats import flow_heartbeats, subflows_without_heartbeats
 from pipeline.workflow.monitoring import monitoring_hooks
+from pipeline.workflow.outages import retry_refused_connections
 
 __all__ = [
     "observation_detection_flow",
@@ -159,7 +161,13 @@ def run_notebook(
 
 @contextlib.contextmanager
 def _flow_body() -> Iterator[None]:
-    """What every flow body runs in: prompt heartbeats, artifacts flushed at the end."""
+    """What every flow body runs in: prompt heartbeats, artifacts flushed at the end.
+
+    In a process a worker started for the run, its Prefect clients ride out a restart of
+    the server (:mod:`pipeline.workflow.outages`).
+    """
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        retry_refused_connections()
     with publishing(), flow_heartbeats():
         yield
 
