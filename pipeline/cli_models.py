@@ -53,6 +53,7 @@ def register(app: typer.Typer) -> None:
     for name, command in (
         ("train", train),
         ("hpo", hpo),
+        ("hpo-worker", hpo_worker),
         ("evaluate", evaluate),
         ("deploy", deploy),
         ("rollback", rollback),
@@ -251,15 +252,23 @@ def hpo(
     no_train: Annotated[
         bool, typer.Option("--no-train", help="Only search; do not train the best settings.")
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(min=1, help="Processes sharing the trials (and the cores) on this machine."),
+    ] = 1,
     verbose: VerboseFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Search training settings with Optuna (resumes an interrupted study), train the best."""
+    """Search training settings with Optuna (resumes an interrupted study), train the best.
+
+    Other hosts add workers to the search with `astr hpo-worker --study NAME`.
+    """
     from pipeline.flows.training import hyperparameter_optimization_flow
 
     space = _json_argument(search_space, "SEARCH_SPACE")
     _start(verbose)
-    with notes.status(f"searching ({trials} trials)"):
+    how = f"{trials} trials" + (f", {workers} processes" if workers > 1 else "")
+    with notes.status(f"searching ({how})"):
         result = hyperparameter_optimization_flow(
             model_type,
             space,
@@ -268,9 +277,78 @@ def hpo(
             timeout_s=timeout,
             base_config=_check_settings(parse_settings(settings)),
             train_best=not no_train,
+            n_workers=workers,
         )
     result.pop("training", None)
     _show(result, as_json, f"study {result['study_name']}")
+
+
+def hpo_worker(
+    study: Annotated[
+        str, typer.Option("--study", help="The study to join (the name `astr hpo` shows).")
+    ],
+    storage: Annotated[
+        str | None,
+        typer.Option(help="Optuna storage URL (default: this host's optuna_storage_url)."),
+    ] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(
+            help="The study's dataset as a .npz file or a stored id "
+            "(default: the study's dataset id, stored on this host)."
+        ),
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="No new trial after this many seconds.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="Torch threads (default: torch's own choice).")
+    ] = None,
+    track: Annotated[
+        bool, typer.Option(help="Log each trial to MLflow, nested under the search's run.")
+    ] = True,
+    as_json: JsonFlag = False,
+) -> None:
+    """Run trials of a search started elsewhere, in this process, until its budget is met.
+
+    The study holds its search space, dataset id, shared settings and trial budget;
+    this host needs the same Optuna storage (PostgreSQL, or the SQLite journal on a
+    shared disk) and the dataset.
+    """
+    from pipeline.ml.search import join_search, load_search_study, open_storage, search_spec
+
+    config = get_config()
+    url = storage or config.optuna_storage_url
+    spec = search_spec(load_search_study(open_storage(url, study, parallel=True), study))
+    data = _search_dataset(dataset or spec["dataset_id"])
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    with notes.status(f"working on study {study} ({spec['n_trials']} trials in all)"):
+        result = join_search(
+            data,
+            storage_url=url,
+            study_name=study,
+            timeout=timeout,
+            tracking_uri=config.mlflow_tracking_uri if track else None,
+        )
+    shown = {
+        "study_name": result.study_name,
+        "trials_run_here": list(result.trials_run),
+        "n_finished": result.n_finished,
+        "n_trials": result.n_trials,
+    }
+    _show(shown, as_json, f"study {study}: this worker")
+
+
+def _search_dataset(dataset: str) -> Any:
+    """A dataset given as a ``.npz`` path or as an id stored on this host."""
+    from pipeline.flows.training import dataset_path
+    from pipeline.ml.data import load_dataset
+
+    path = Path(dataset)
+    return load_dataset(path if path.suffix == ".npz" else dataset_path(dataset))
 
 
 def evaluate(

@@ -272,6 +272,7 @@ def hyperparameter_optimization_flow(
     timeout_s: float | None = None,
     base_config: dict | None = None,
     train_best: bool = True,
+    n_workers: int = 1,
 ) -> dict:
     """Optuna search over ``search_space`` on a stored dataset; train the best settings.
 
@@ -290,10 +291,15 @@ def hyperparameter_optimization_flow(
         Settings every trial shares (``epochs``, ``patience``...).
     train_best : bool
         Hand the best parameters to ``model_training_flow`` (a registered version).
+    n_workers : int
+        Processes working on the study on this machine, the cores shared among them
+        (``pipeline.ml.search_workers``). With the default SQLite storage a study of
+        more than one process lives in a journal file next to it (``optuna.journal``).
 
     The study is named from the model type, dataset and space, and kept in the
     configured Optuna storage: running the flow again after an interruption resumes
-    it, running only the missing trials.
+    it, running only the missing trials. Workers on other hosts join it with
+    ``astr hpo-worker --study <study_name>`` (the summary names the study).
     """
     if model_type not in MODEL_TYPES:
         raise AstrError(f"unknown model_type {model_type!r}; expected one of {MODEL_TYPES}")
@@ -302,6 +308,8 @@ def hyperparameter_optimization_flow(
     TrainConfig.from_dict(base)
     if n_trials < 1:
         raise AstrError(f"n_trials must be at least 1, got {n_trials}")
+    if n_workers < 1:
+        raise AstrError(f"n_workers must be at least 1, got {n_workers}")
     settings = get_config()
     dataset_id = dataset_id or latest_dataset(settings)
     path = dataset_path(dataset_id, settings)
@@ -320,6 +328,7 @@ def hyperparameter_optimization_flow(
             "study_name": study_name,
             "storage_url": settings.optuna_storage_url,
             "tracking_uri": settings.mlflow_tracking_uri,
+            "n_workers": int(n_workers),
         },
         {"dataset": path},
     )
@@ -336,6 +345,7 @@ def hyperparameter_optimization_flow(
         "study_name": study_name,
         "storage_url": outputs["storage_url"],
         "dataset_id": dataset_id,
+        "n_workers": int(n_workers),
         "best_params": best,
         "best_value": outputs["best_value"],
         "trials": {k: v for k, v in outputs["metrics"].items() if k.startswith("n_")},

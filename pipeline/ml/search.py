@@ -1,25 +1,73 @@
 """Hyper-parameter search with Optuna: TPE, pruning on per-epoch validation loss.
 
-The study lives in an RDB storage (SQLite by default, any SQLAlchemy URL), so an
+The study lives in an Optuna storage (SQLite by default, any SQLAlchemy URL), so an
 interrupted search is resumed by running it again with the same name: it only runs
 the trials still missing. With a tracking URI every trial is an MLflow run nested
 under one run for the search.
+
+The trial budget is a queue: the process that starts (or resumes) a search puts one
+waiting trial per missing trial in the study, and every worker, in this process, in
+processes it spawned or on another host (``join_search``), claims waiting trials
+one at a time until none is left. A claim is atomic in the storage, so the study
+ends with exactly ``n_trials`` trials however many workers share it. What a joining
+worker needs (search space, dataset id, shared settings, budget) is kept in the
+study's ``user_attrs``.
+
+SQLite breaks under parallel writers: a study worked on by several processes with a
+SQLite URL lives in an Optuna journal file next to the database instead (see
+``open_storage``); PostgreSQL URLs are used as given.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import math
+import os
+import socket
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import AstrError
 from pipeline.ml.data import CandidateDataset
 from pipeline.ml.train import TrainConfig, train_model
 
-__all__ = ["SearchResult", "SearchSpaceError", "run_search", "validate_search_space"]
+if TYPE_CHECKING:
+    import optuna
+
+__all__ = [
+    "SearchResult",
+    "SearchSpaceError",
+    "TrialTracker",
+    "WorkerResult",
+    "create_search_study",
+    "fail_abandoned_trials",
+    "join_search",
+    "journal_path",
+    "load_search_study",
+    "open_storage",
+    "run_search",
+    "search_spec",
+    "summarize_study",
+    "validate_search_space",
+    "work_on_study",
+    "worker_stamp",
+]
 
 _TYPES = ("float", "int", "categorical")
+#: The study user attribute that holds what a worker needs to join a search.
+SPEC_ATTR = "astr_search"
+#: The study user attribute naming the MLflow run trials nest under.
+PARENT_RUN_ATTR = "mlflow_parent_run"
+#: The trial user attribute naming the process that claimed it.
+WORKER_ATTR = "worker"
+#: A running trial whose worker left no name is taken for abandoned after this long.
+UNNAMED_GRACE_S = 60.0
+
+logger = logging.getLogger(__name__)
 
 
 class SearchSpaceError(AstrError, ValueError):
@@ -36,6 +84,16 @@ class SearchResult:
     n_complete: int
     n_pruned: int
     n_failed: int
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """What one worker did for a study, and where the study stands."""
+
+    study_name: str
+    trials_run: tuple[int, ...]
+    n_finished: int
+    n_trials: int
 
 
 def validate_search_space(search_space: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -79,6 +137,444 @@ def validate_search_space(search_space: Mapping[str, Any]) -> dict[str, dict[str
     return out
 
 
+# -- storage ----------------------------------------------------------------------------
+
+
+def journal_path(storage_url: str) -> Path | None:
+    """The journal file next to a SQLite database (``optuna.db`` -> ``optuna.journal``).
+
+    ``None`` for a URL that is not a SQLite file (PostgreSQL...).
+
+    Raises
+    ------
+    AstrError
+        For an in-memory SQLite URL, which no second process can share.
+    """
+    database = _sqlite_file(storage_url)
+    if database is None:
+        return None
+    journal = database.with_suffix(".journal")
+    return journal if journal != database else database.with_name(database.name + ".journal")
+
+
+def open_storage(storage_url: str, study_name: str, *, parallel: bool = False) -> Any:
+    """The Optuna storage that holds (or will hold) ``study_name``.
+
+    A non-SQLite URL (PostgreSQL...) is an ``RDBStorage`` as given: it takes parallel
+    writers. A SQLite URL does not, so a study that several processes work on lives
+    in an Optuna journal file next to the database (``journal_path``), appended under
+    a file lock. A study is always found where it was started: in the journal when
+    the journal holds it, else in the SQLite file.
+
+    Parameters
+    ----------
+    parallel : bool
+        More than one process will work on the study.
+
+    Raises
+    ------
+    AstrError
+        When ``parallel`` and the study was started by a single process in the SQLite
+        file (the message says how to go on), or the SQLite database is in memory.
+    """
+    import optuna
+
+    journal = journal_path(storage_url) if parallel else _maybe_journal(storage_url)
+    if journal is None:
+        # pool_pre_ping: a pooled connection is checked before use, so a storage that
+        # outlives a PostgreSQL restart reconnects instead of failing its next trial.
+        return optuna.storages.RDBStorage(storage_url, engine_kwargs={"pool_pre_ping": True})
+    if journal.is_file() and _holds(_journal_storage(journal), study_name):
+        return _journal_storage(journal)
+    if not parallel:
+        return optuna.storages.RDBStorage(storage_url)
+    database = _sqlite_file(storage_url)
+    in_sqlite = database is not None and database.is_file()
+    if in_sqlite and _holds(optuna.storages.RDBStorage(storage_url), study_name):
+        raise AstrError(
+            f"study {study_name!r} was started by one process in the SQLite file "
+            f"{database}, which breaks under parallel writers: resume it with one "
+            "process (n_workers=1), give the search another study name, or use "
+            "PostgreSQL (ASTR_OPTUNA_STORAGE_URL=postgresql+psycopg://user:pw@host/db)"
+        )
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    return _journal_storage(journal)
+
+
+def _sqlite_file(storage_url: str) -> Path | None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage_url)
+    if not url.drivername.startswith("sqlite"):
+        return None
+    if not url.database or url.database == ":memory:":
+        raise AstrError(
+            f"{storage_url!r} is an in-memory SQLite database, which other processes "
+            "cannot share: give a file, e.g. sqlite:////path/optuna.db"
+        )
+    return Path(url.database).resolve()
+
+
+def _maybe_journal(storage_url: str) -> Path | None:
+    """``journal_path``, or ``None`` for an in-memory database (one process: allowed)."""
+    try:
+        return journal_path(storage_url)
+    except AstrError:
+        return None
+
+
+def _journal_storage(path: Path) -> Any:
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    return optuna.storages.JournalStorage(backend)
+
+
+def _holds(storage: Any, study_name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return False
+    return True
+
+
+# -- the study --------------------------------------------------------------------------
+
+
+def create_search_study(
+    storage: Any,
+    study_name: str,
+    search_space: Mapping[str, Any],
+    *,
+    dataset_id: str,
+    n_trials: int,
+    base: Mapping[str, Any] | None = None,
+    seed: int = 0,
+) -> optuna.Study:
+    """Create or resume a study and queue the trials still missing from its budget.
+
+    Stores what a joining worker needs in the study's ``user_attrs[SPEC_ATTR]``
+    (search space, dataset id, shared settings, budget, seed), marks the running
+    trials of workers that are gone as failed (``fail_abandoned_trials``), then puts
+    ``n_trials`` minus the study's trials in the queue as waiting trials.
+
+    Parameters
+    ----------
+    storage
+        From ``open_storage``.
+    n_trials : int
+        Trials wanted in the study in all (complete, pruned or failed).
+    base : mapping, optional
+        Settings every trial shares (``epochs``, ``device``...).
+
+    Raises
+    ------
+    SearchSpaceError
+        A malformed space or ``n_trials`` below 1.
+    ValueError
+        An unknown shared setting (named).
+    """
+    import optuna
+
+    space = validate_search_space(search_space)
+    if n_trials < 1:
+        raise SearchSpaceError(f"n_trials must be at least 1, got {n_trials}")
+    base = dict(base or {})
+    TrainConfig.from_dict(base)  # names a bad base setting before any trial
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction="minimize",
+        sampler=_sampler(seed),
+        pruner=_pruner(),
+        load_if_exists=True,
+    )
+    spec = {
+        "search_space": space,
+        "base": base,
+        "dataset_id": dataset_id,
+        "n_trials": int(n_trials),
+        "seed": int(seed),
+    }
+    study.set_user_attr(SPEC_ATTR, spec)
+    fail_abandoned_trials(study)
+    for _ in range(n_trials - len(study.get_trials(deepcopy=False))):
+        study.enqueue_trial({})
+    return study
+
+
+def load_search_study(
+    storage: Any, study_name: str, *, worker_index: int | None = None
+) -> optuna.Study:
+    """An existing search study, with the sampler and pruner of ``create_search_study``.
+
+    Parameters
+    ----------
+    worker_index : int, optional
+        Worker ``k`` samples with seed ``spec seed + k`` (the creator is worker 0);
+        ``None``: an unseeded sampler (a worker joining from elsewhere).
+
+    Raises
+    ------
+    AstrError
+        No such study, or one that holds no search spec.
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=_pruner())
+    except KeyError:
+        raise AstrError(
+            f"no study {study_name!r} in this Optuna storage: start the search first "
+            "(`astr hpo ...` prints the study name), and give the worker the same storage"
+        ) from None
+    spec = search_spec(study)
+    study.sampler = _sampler(None if worker_index is None else spec["seed"] + worker_index)
+    return study
+
+
+def search_spec(study: optuna.Study) -> dict[str, Any]:
+    """What ``create_search_study`` stored: space, base, dataset id, budget, seed.
+
+    Raises
+    ------
+    AstrError
+        When the study was not created by ``create_search_study``.
+    """
+    spec = study.user_attrs.get(SPEC_ATTR)
+    if not isinstance(spec, Mapping):
+        raise AstrError(
+            f"study {study.study_name!r} holds no search spec (user attribute "
+            f"{SPEC_ATTR!r}): it was not started by `astr hpo` or run_search; "
+            "run the search once with them to store one"
+        )
+    return dict(spec)
+
+
+def summarize_study(study: optuna.Study) -> SearchResult:
+    """Best parameters and trial counts of a study.
+
+    Raises
+    ------
+    AstrError
+        When no trial has completed.
+    """
+    import optuna
+
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    n_complete = states.count(optuna.trial.TrialState.COMPLETE)
+    if not n_complete:
+        raise AstrError(f"study {study.study_name}: no trial completed ({len(states)} tried)")
+    return SearchResult(
+        study_name=study.study_name,
+        best_params=dict(study.best_params),
+        best_value=float(study.best_value),
+        n_complete=n_complete,
+        n_pruned=states.count(optuna.trial.TrialState.PRUNED),
+        n_failed=states.count(optuna.trial.TrialState.FAIL),
+    )
+
+
+def _sampler(seed: int | None) -> Any:
+    import optuna
+
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def _pruner() -> Any:
+    import optuna
+
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
+
+
+# -- workers ----------------------------------------------------------------------------
+
+
+def worker_stamp() -> dict[str, Any]:
+    """Who this process is: host name, pid and start time (which a reused pid lacks)."""
+    import psutil
+
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": psutil.Process().create_time(),
+    }
+
+
+def fail_abandoned_trials(study: optuna.Study) -> list[int]:
+    """Mark failed the running trials whose worker process is gone; returns their numbers.
+
+    A worker is known gone when it ran on this host and its process no longer exists
+    (or is another process under the same pid). A running trial without a worker
+    stamp older than ``UNNAMED_GRACE_S`` is abandoned too. Running trials of workers
+    on other hosts are left alone: this host cannot tell whether they still run.
+    """
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    now = dt.datetime.now()
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if not _abandoned(trial.user_attrs.get(WORKER_ATTR), trial.datetime_start, now):
+            continue
+        try:
+            study.tell(trial.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+        except (UpdateFinishedTrialError, RuntimeError, ValueError):
+            continue  # another worker finished or failed it first
+        owner = trial.user_attrs.get(WORKER_ATTR) or {}
+        logger.warning(
+            "study %s: trial %d failed: its worker (pid %s on %s) is gone",
+            study.study_name,
+            trial.number,
+            owner.get("pid", "?"),
+            owner.get("host", "?"),
+        )
+        failed.append(trial.number)
+    return failed
+
+
+def _abandoned(owner: Any, started: dt.datetime | None, now: dt.datetime) -> bool:
+    if not isinstance(owner, Mapping):
+        return started is None or (now - started).total_seconds() > UNNAMED_GRACE_S
+    if owner.get("host") != socket.gethostname():
+        return False
+    return not _process_alive(int(owner["pid"]), float(owner["started"]))
+
+
+def _process_alive(pid: int, started: float) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return (
+            abs(process.create_time() - started) < 0.5 and process.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.NoSuchProcess:
+        return False
+
+
+def work_on_study(
+    study: optuna.Study,
+    storage: Any,
+    data: CandidateDataset,
+    *,
+    deadline: float | None = None,
+    tracker: TrialTracker | None = None,
+) -> tuple[int, ...]:
+    """Claim and run the study's waiting trials one by one until none is left.
+
+    Each claimed trial carries this process's ``worker_stamp`` in its
+    ``user_attrs[WORKER_ATTR]``. Before each claim the trials of gone workers are
+    marked failed. A trial that raises ``ValueError`` (a setting the model refuses)
+    fails and the work goes on; any other error fails the trial and is raised.
+
+    Parameters
+    ----------
+    storage
+        The storage the study was loaded from (``open_storage``).
+    data : CandidateDataset
+        Must be the dataset the search was started on.
+    deadline : float, optional
+        ``time.time()`` after which no trial starts.
+
+    Returns
+    -------
+    tuple of int
+        The numbers of the trials this process ran.
+
+    Raises
+    ------
+    AstrError
+        When ``data`` is not the search's dataset.
+    """
+    spec = search_spec(study)
+    if data.dataset_id != spec["dataset_id"]:
+        raise AstrError(
+            f"study {study.study_name!r} searches on dataset {spec['dataset_id']}, not "
+            f"{data.dataset_id}: give the worker that dataset (`astr dataset ...` or its .npz)"
+        )
+    study_id = storage.get_study_id_from_name(study.study_name)
+    stamp = worker_stamp()
+    ran: list[int] = []
+    while deadline is None or time.time() < deadline:
+        fail_abandoned_trials(study)
+        trial = _claim(study, storage, study_id)
+        if trial is None:
+            break
+        trial.set_user_attr(WORKER_ATTR, stamp)
+        _run_trial(study, trial, data, spec, tracker)
+        ran.append(trial.number)
+    return tuple(ran)
+
+
+def _claim(study: optuna.Study, storage: Any, study_id: int) -> optuna.Trial | None:
+    """Atomically move one waiting trial to running; ``None`` when none is left."""
+    import optuna
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    for waiting in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, waiting.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.RUNNING):
+                return optuna.Trial(study, trial_id)
+        except UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    data: CandidateDataset,
+    spec: Mapping[str, Any],
+    tracker: TrialTracker | None,
+) -> None:
+    """Train one trial's settings and tell the study how it ended."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    status = "FAILED"
+    try:
+        params = {name: _suggest(trial, name, s) for name, s in spec["search_space"].items()}
+        if tracker is not None:
+            tracker.start(trial.number, params)
+        config = TrainConfig.from_dict(
+            {**spec["base"], **params, "seed": spec["seed"] + trial.number}
+        )
+
+        def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
+            trial.report(metrics["val_loss"], epoch)
+            if tracker is not None:
+                tracker.epoch(trial.number, epoch, metrics)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+
+        model = train_model(data, config, on_epoch=on_epoch)
+    except optuna.TrialPruned:
+        status = "KILLED"
+        study.tell(trial, state=state.PRUNED)
+    except ValueError as exc:
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+        study.tell(trial, state=state.FAIL)
+        logger.warning("study %s: trial %d failed: %s", study.study_name, trial.number, exc)
+    except BaseException as exc:
+        trial.set_user_attr("error", f"{type(exc).__name__}: {exc}")
+        study.tell(trial, state=state.FAIL)
+        raise
+    else:
+        status = "FINISHED"
+        study.tell(trial, min(h["val_loss"] for h in model.history))
+    finally:
+        if tracker is not None and trial.number in tracker.runs:
+            tracker.end(trial.number, status)
+
+
+# -- searches ---------------------------------------------------------------------------
+
+
 def run_search(
     data: CandidateDataset,
     search_space: Mapping[str, Any],
@@ -90,6 +586,7 @@ def run_search(
     base: Mapping[str, Any] | None = None,
     seed: int = 0,
     tracking_uri: str | None = None,
+    n_workers: int = 1,
 ) -> SearchResult:
     """Minimise the best validation loss over ``search_space``; resume a study by name.
 
@@ -102,74 +599,108 @@ def run_search(
         Seconds after which no new trial starts.
     base : mapping, optional
         Settings every trial shares (``epochs``, ``device``...).
+    n_workers : int
+        Processes working on the study: this one and ``n_workers - 1`` spawned ones,
+        each with ``1/n_workers`` of the cores' torch threads
+        (``pipeline.ml.search_workers``). With a SQLite ``storage_url`` and more
+        than one worker the study lives in a journal file next to the database
+        (``open_storage``). Workers on other hosts join with ``join_search``
+        (``astr hpo-worker``) whatever ``n_workers`` is, given a storage they share.
+
+    Raises
+    ------
+    SearchSpaceError
+        A malformed space or setting.
+    AstrError
+        No trial completed, or the storage cannot take several workers.
     """
-    import optuna
-
-    space = validate_search_space(search_space)
-    if n_trials < 1:
-        raise SearchSpaceError(f"n_trials must be at least 1, got {n_trials}")
-    base = dict(base or {})
-    TrainConfig.from_dict(base)  # names a bad base setting before any trial
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage_url,
-        direction="minimize",
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2),
-        load_if_exists=True,
+    if n_workers < 1:
+        raise SearchSpaceError(f"n_workers must be at least 1, got {n_workers}")
+    storage = open_storage(storage_url, study_name, parallel=n_workers > 1)
+    study = create_search_study(
+        storage,
+        study_name,
+        search_space,
+        dataset_id=data.dataset_id,
+        n_trials=n_trials,
+        base=base,
+        seed=seed,
     )
-    finished = {
-        optuna.trial.TrialState.COMPLETE,
-        optuna.trial.TrialState.PRUNED,
-        optuna.trial.TrialState.FAIL,
-    }
-    remaining = n_trials - sum(t.state in finished for t in study.trials)
-    tracker = _Tracker(tracking_uri, study_name) if tracking_uri else None
-
-    def objective(trial: optuna.Trial) -> float:
-        params = {name: _suggest(trial, name, spec) for name, spec in space.items()}
-        config = TrainConfig.from_dict({**base, **params, "seed": seed + trial.number})
-
-        def on_epoch(epoch: int, metrics: Mapping[str, float]) -> None:
-            trial.report(metrics["val_loss"], epoch)
-            if tracker is not None:
-                tracker.epoch(trial.number, epoch, metrics)
-            if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at epoch {epoch}")
-
-        if tracker is not None:
-            tracker.start(trial.number, params)
-        status = "FAILED"
-        try:
-            model = train_model(data, config, on_epoch=on_epoch)
-            value = min(h["val_loss"] for h in model.history)
-            status = "FINISHED"
-            return value
-        except optuna.TrialPruned:
-            status = "KILLED"
-            raise
-        finally:
-            if tracker is not None:
-                tracker.end(trial.number, status)
-
+    tracker = TrialTracker(tracking_uri, study_name) if tracking_uri else None
+    if tracker is not None:
+        study.set_user_attr(PARENT_RUN_ATTR, tracker.parent)
+    deadline = None if timeout is None else time.time() + timeout
     try:
-        if remaining > 0:
-            study.optimize(objective, n_trials=remaining, timeout=timeout, catch=(ValueError,))
+        if n_workers > 1:
+            from pipeline.ml.search_workers import work_with_processes
+
+            work_with_processes(
+                study,
+                storage,
+                data,
+                n_workers=n_workers,
+                storage_url=storage_url,
+                deadline=deadline,
+                tracking_uri=tracking_uri,
+                tracker=tracker,
+            )
+        else:
+            work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
     finally:
         if tracker is not None:
             tracker.close()
-    states = [t.state for t in study.trials]
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    if not complete:
-        raise AstrError(f"study {study_name}: no trial completed ({len(states)} tried)")
-    return SearchResult(
+    return summarize_study(study)
+
+
+def join_search(
+    data: CandidateDataset,
+    *,
+    storage_url: str,
+    study_name: str,
+    timeout: float | None = None,
+    tracking_uri: str | None = None,
+    worker_index: int | None = None,
+) -> WorkerResult:
+    """Work on an existing search from this process until its trial budget is met.
+
+    The study gives the search space, shared settings and budget; ``data`` must be
+    the dataset it was started on. With ``tracking_uri`` the trials nest under the
+    search's MLflow run. The workers ``run_search`` spawns run this too.
+
+    Parameters
+    ----------
+    timeout : float, optional
+        Seconds after which this worker starts no trial.
+    worker_index : int, optional
+        Seeds the sampler with the search's seed plus this (``load_search_study``);
+        ``None``: unseeded.
+
+    Raises
+    ------
+    AstrError
+        No such study, another dataset, or a study started by one process in SQLite.
+    """
+    import optuna
+
+    storage = open_storage(storage_url, study_name, parallel=True)
+    study = load_search_study(storage, study_name, worker_index=worker_index)
+    tracker = None
+    if tracking_uri:
+        parent = study.user_attrs.get(PARENT_RUN_ATTR)
+        tracker = TrialTracker(tracking_uri, study_name, parent_run_id=parent)
+    deadline = None if timeout is None else time.time() + timeout
+    try:
+        ran = work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
+    state = optuna.trial.TrialState
+    finished = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.FAIL))
+    return WorkerResult(
         study_name=study_name,
-        best_params=dict(study.best_params),
-        best_value=float(study.best_value),
-        n_complete=len(complete),
-        n_pruned=states.count(optuna.trial.TrialState.PRUNED),
-        n_failed=states.count(optuna.trial.TrialState.FAIL),
+        trials_run=ran,
+        n_finished=len(finished),
+        n_trials=int(search_spec(study)["n_trials"]),
     )
 
 
@@ -181,21 +712,30 @@ def _suggest(trial: Any, name: str, spec: Mapping[str, Any]) -> Any:
     return trial.suggest_float(name, spec["low"], spec["high"], log=spec["log"])
 
 
-class _Tracker:
-    """One MLflow parent run for a search, one nested run per trial."""
+class TrialTracker:
+    """One MLflow parent run for a search, one nested run per trial.
 
-    def __init__(self, tracking_uri: str, study_name: str) -> None:
+    Given ``parent_run_id`` (a worker of a search started elsewhere) it nests under
+    that run and leaves it open.
+    """
+
+    def __init__(
+        self, tracking_uri: str, study_name: str, parent_run_id: str | None = None
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=tracking_uri)
         name = "realbogus-search"
         found = self.client.get_experiment_by_name(name)
         self.experiment = found.experiment_id if found else self.client.create_experiment(name)
-        parent = self.client.create_run(self.experiment, run_name=study_name)
-        self.parent = parent.info.run_id
+        self.owner = parent_run_id is None
+        if parent_run_id is None:
+            parent_run_id = self.client.create_run(self.experiment, run_name=study_name).info.run_id
+        self.parent = parent_run_id
         self.runs: dict[int, str] = {}
 
     def start(self, number: int, params: Mapping[str, Any]) -> None:
+        """Open trial ``number``'s nested run and log its parameters."""
         run = self.client.create_run(
             self.experiment,
             run_name=f"trial-{number}",
@@ -206,11 +746,15 @@ class _Tracker:
             self.client.log_param(run.info.run_id, key, str(value))
 
     def epoch(self, number: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Log one epoch's metrics of trial ``number``."""
         for key, value in metrics.items():
             self.client.log_metric(self.runs[number], key, float(value), step=epoch)
 
     def end(self, number: int, status: str) -> None:
+        """Close trial ``number``'s run (``FINISHED``, ``KILLED`` or ``FAILED``)."""
         self.client.set_terminated(self.runs[number], status)
 
     def close(self) -> None:
-        self.client.set_terminated(self.parent, "FINISHED")
+        """Close the search's run when this tracker opened it."""
+        if self.owner:
+            self.client.set_terminated(self.parent, "FINISHED")
