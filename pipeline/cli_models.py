@@ -315,11 +315,11 @@ def hpo_worker(
     this host needs the same Optuna storage (PostgreSQL, or the SQLite journal on a
     shared disk) and the dataset.
     """
-    from pipeline.ml.search import join_search, load_search_study, open_storage, search_spec
+    from pipeline.ml.search import join_search, read_search_spec
 
     config = get_config()
     url = storage or config.optuna_storage_url
-    spec = search_spec(load_search_study(open_storage(url, study, parallel=True), study))
+    spec = read_search_spec(url, study)
     data = _search_dataset(dataset or spec["dataset_id"])
     if threads:
         import torch

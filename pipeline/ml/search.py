@@ -43,12 +43,14 @@ __all__ = [
     "SearchSpaceError",
     "TrialTracker",
     "WorkerResult",
+    "close_storage",
     "create_search_study",
     "fail_abandoned_trials",
     "join_search",
     "journal_path",
     "load_search_study",
     "open_storage",
+    "read_search_spec",
     "run_search",
     "search_spec",
     "summarize_study",
@@ -189,8 +191,7 @@ def open_storage(storage_url: str, study_name: str, *, parallel: bool = False) -
     if not parallel:
         return optuna.storages.RDBStorage(storage_url)
     database = _sqlite_file(storage_url)
-    in_sqlite = database is not None and database.is_file()
-    if in_sqlite and _holds(optuna.storages.RDBStorage(storage_url), study_name):
+    if database is not None and database.is_file() and _holds_in_rdb(storage_url, study_name):
         raise AstrError(
             f"study {study_name!r} was started by one process in the SQLite file "
             f"{database}, which breaks under parallel writers: resume it with one "
@@ -199,6 +200,18 @@ def open_storage(storage_url: str, study_name: str, *, parallel: bool = False) -
         )
     journal.parent.mkdir(parents=True, exist_ok=True)
     return _journal_storage(journal)
+
+
+def close_storage(storage: Any) -> None:
+    """Release the database connections of an ``RDBStorage`` (a no-op for a journal).
+
+    A study loaded on it afterwards connects again.
+    """
+    import optuna
+
+    if isinstance(storage, optuna.storages.RDBStorage):
+        storage.remove_session()
+        storage.engine.dispose()
 
 
 def _sqlite_file(storage_url: str) -> Path | None:
@@ -229,6 +242,16 @@ def _journal_storage(path: Path) -> Any:
 
     backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
     return optuna.storages.JournalStorage(backend)
+
+
+def _holds_in_rdb(storage_url: str, study_name: str) -> bool:
+    import optuna
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    try:
+        return _holds(storage, study_name)
+    finally:
+        close_storage(storage)
 
 
 def _holds(storage: Any, study_name: str) -> bool:
@@ -352,6 +375,21 @@ def search_spec(study: optuna.Study) -> dict[str, Any]:
             "run the search once with them to store one"
         )
     return dict(spec)
+
+
+def read_search_spec(storage_url: str, study_name: str) -> dict[str, Any]:
+    """The search spec of a study that other processes may join (``search_spec``).
+
+    Raises
+    ------
+    AstrError
+        No such study, no spec, or a study started by one process in SQLite.
+    """
+    storage = open_storage(storage_url, study_name, parallel=True)
+    try:
+        return search_spec(load_search_study(storage, study_name))
+    finally:
+        close_storage(storage)
 
 
 def summarize_study(study: optuna.Study) -> SearchResult:
@@ -605,7 +643,8 @@ def run_search(
         (``pipeline.ml.search_workers``). With a SQLite ``storage_url`` and more
         than one worker the study lives in a journal file next to the database
         (``open_storage``). Workers on other hosts join with ``join_search``
-        (``astr hpo-worker``) whatever ``n_workers`` is, given a storage they share.
+        (``astr hpo-worker``) given a storage they share: PostgreSQL, or the
+        journal of a SQLite study started with more than one worker.
 
     Raises
     ------
@@ -617,39 +656,42 @@ def run_search(
     if n_workers < 1:
         raise SearchSpaceError(f"n_workers must be at least 1, got {n_workers}")
     storage = open_storage(storage_url, study_name, parallel=n_workers > 1)
-    study = create_search_study(
-        storage,
-        study_name,
-        search_space,
-        dataset_id=data.dataset_id,
-        n_trials=n_trials,
-        base=base,
-        seed=seed,
-    )
-    tracker = TrialTracker(tracking_uri, study_name) if tracking_uri else None
-    if tracker is not None:
-        study.set_user_attr(PARENT_RUN_ATTR, tracker.parent)
-    deadline = None if timeout is None else time.time() + timeout
     try:
-        if n_workers > 1:
-            from pipeline.ml.search_workers import work_with_processes
-
-            work_with_processes(
-                study,
-                storage,
-                data,
-                n_workers=n_workers,
-                storage_url=storage_url,
-                deadline=deadline,
-                tracking_uri=tracking_uri,
-                tracker=tracker,
-            )
-        else:
-            work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
-    finally:
+        study = create_search_study(
+            storage,
+            study_name,
+            search_space,
+            dataset_id=data.dataset_id,
+            n_trials=n_trials,
+            base=base,
+            seed=seed,
+        )
+        tracker = TrialTracker(tracking_uri, study_name) if tracking_uri else None
         if tracker is not None:
-            tracker.close()
-    return summarize_study(study)
+            study.set_user_attr(PARENT_RUN_ATTR, tracker.parent)
+        deadline = None if timeout is None else time.time() + timeout
+        try:
+            if n_workers > 1:
+                from pipeline.ml.search_workers import work_with_processes
+
+                work_with_processes(
+                    study,
+                    storage,
+                    data,
+                    n_workers=n_workers,
+                    storage_url=storage_url,
+                    deadline=deadline,
+                    tracking_uri=tracking_uri,
+                    tracker=tracker,
+                )
+            else:
+                work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
+        finally:
+            if tracker is not None:
+                tracker.close()
+        return summarize_study(study)
+    finally:
+        close_storage(storage)
 
 
 def join_search(
@@ -683,25 +725,30 @@ def join_search(
     import optuna
 
     storage = open_storage(storage_url, study_name, parallel=True)
-    study = load_search_study(storage, study_name, worker_index=worker_index)
-    tracker = None
-    if tracking_uri:
-        parent = study.user_attrs.get(PARENT_RUN_ATTR)
-        tracker = TrialTracker(tracking_uri, study_name, parent_run_id=parent)
-    deadline = None if timeout is None else time.time() + timeout
     try:
-        ran = work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
+        study = load_search_study(storage, study_name, worker_index=worker_index)
+        tracker = None
+        if tracking_uri:
+            parent = study.user_attrs.get(PARENT_RUN_ATTR)
+            tracker = TrialTracker(tracking_uri, study_name, parent_run_id=parent)
+        deadline = None if timeout is None else time.time() + timeout
+        try:
+            ran = work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
+        finally:
+            if tracker is not None:
+                tracker.close()
+        state = optuna.trial.TrialState
+        finished = study.get_trials(
+            deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.FAIL)
+        )
+        return WorkerResult(
+            study_name=study_name,
+            trials_run=ran,
+            n_finished=len(finished),
+            n_trials=int(search_spec(study)["n_trials"]),
+        )
     finally:
-        if tracker is not None:
-            tracker.close()
-    state = optuna.trial.TrialState
-    finished = study.get_trials(deepcopy=False, states=(state.COMPLETE, state.PRUNED, state.FAIL))
-    return WorkerResult(
-        study_name=study_name,
-        trials_run=ran,
-        n_finished=len(finished),
-        n_trials=int(search_spec(study)["n_trials"]),
-    )
+        close_storage(storage)
 
 
 def _suggest(trial: Any, name: str, spec: Mapping[str, Any]) -> Any:

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import wait
@@ -30,7 +31,7 @@ from pipeline.ml.search import (
 )
 
 __all__ = [
-    "start_workers",
+    "spawn_worker",
     "stop_workers",
     "threads_per_process",
     "torch_threads",
@@ -98,26 +99,42 @@ def work_with_processes(
     """
     threads = threads_per_process(n_workers)
     processes: list[BaseProcess] = []
+    settings = {
+        "storage_url": storage_url,
+        "study_name": study.study_name,
+        "data": data,
+        "deadline": deadline,
+        "tracking_uri": tracking_uri,
+        "threads": threads,
+    }
+
+    # Starting a spawned process waits until it has imported torch and read its
+    # arguments (seconds): this process runs trials meanwhile.
+    starters = [
+        threading.Thread(
+            target=lambda index=index: processes.append(spawn_worker(index, **settings)),
+            name=f"astr-search-spawn-{index}",
+            daemon=True,
+        )
+        for index in range(1, n_workers)
+    ]
     with torch_threads(threads):
+        for starter in starters:
+            starter.start()
         try:
-            processes = start_workers(
-                n_workers - 1,
-                storage_url=storage_url,
-                study_name=study.study_name,
-                data=data,
-                deadline=deadline,
-                tracking_uri=tracking_uri,
-                threads=threads,
-            )
             work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
+            for starter in starters:
+                starter.join()
             return wait_for_workers(processes, study)
         finally:
+            for starter in starters:
+                starter.join()
             stop_workers(processes)
             fail_abandoned_trials(study)
 
 
-def start_workers(
-    count: int,
+def spawn_worker(
+    index: int,
     *,
     storage_url: str,
     study_name: str,
@@ -125,28 +142,25 @@ def start_workers(
     deadline: float | None,
     tracking_uri: str | None,
     threads: int,
-) -> list[BaseProcess]:
-    """Spawn ``count`` worker processes on a study (worker indices 1 to ``count``)."""
+) -> BaseProcess:
+    """Spawn worker ``index``: ``join_search`` with ``threads`` torch threads, daemonic."""
     context = multiprocessing.get_context("spawn")
-    processes = []
-    for index in range(1, count + 1):
-        process = context.Process(
-            target=_worker_main,
-            kwargs={
-                "storage_url": storage_url,
-                "study_name": study_name,
-                "data": data,
-                "deadline": deadline,
-                "tracking_uri": tracking_uri,
-                "threads": threads,
-                "index": index,
-            },
-            name=f"astr-search-{index}",
-            daemon=True,
-        )
-        process.start()
-        processes.append(process)
-    return processes
+    process = context.Process(
+        target=_worker_main,
+        kwargs={
+            "storage_url": storage_url,
+            "study_name": study_name,
+            "data": data,
+            "deadline": deadline,
+            "tracking_uri": tracking_uri,
+            "threads": threads,
+            "index": index,
+        },
+        name=f"astr-search-{index}",
+        daemon=True,
+    )
+    process.start()
+    return process
 
 
 def wait_for_workers(processes: list[BaseProcess], study: Any) -> list[int | None]:

@@ -21,6 +21,7 @@ from pipeline.ml.search import (
     PARENT_RUN_ATTR,
     WORKER_ATTR,
     TrialTracker,
+    close_storage,
     create_search_study,
     join_search,
     journal_path,
@@ -34,6 +35,8 @@ SPACE = {
     "width": {"type": "int", "low": 4, "high": 8},
 }
 BASE = {"epochs": 2, "patience": 2, "dense": 8}
+# Trials long enough that a spawned worker (seconds to import torch) gets some of them.
+SHARED = {"epochs": 4, "patience": 4, "dense": 8}
 FINISHED = (
     optuna.trial.TrialState.COMPLETE,
     optuna.trial.TrialState.PRUNED,
@@ -81,7 +84,7 @@ def test_parallel_sqlite_studies_live_in_a_journal_next_to_the_database(tmp_path
 def test_two_processes_share_one_study_and_finish_exactly_its_budget(tmp_path, candidate_night):
     data = candidate_night(4)
     url = f"sqlite:///{tmp_path}/optuna.db"
-    common = {"storage_url": url, "study_name": "two", "base": BASE, "n_workers": 2}
+    common = {"storage_url": url, "study_name": "two", "base": SHARED, "n_workers": 2}
     result = run_search(data, SPACE, n_trials=8, **common)
     study = _study(url, "two")
     trials = study.trials
@@ -129,6 +132,36 @@ def test_a_joining_worker_nests_its_trials_under_the_search_run(tmp_path, candid
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {search_run.parent}
     assert sorted(r.data.tags["optuna.trial"] for r in children) == ["0", "1"]
     assert all("val_loss" in r.data.metrics for r in children)
+
+
+@pytest.fixture(scope="module")
+def postgres():
+    """A throwaway PostgreSQL cluster (skipped where its binaries are missing)."""
+    from pg import running_cluster, skip_unless_postgres
+
+    skip_unless_postgres()
+    with running_cluster() as cluster:
+        yield cluster
+
+
+def test_two_processes_share_a_postgresql_study(postgres, candidate_night):
+    url = postgres.create_database("optuna_workers").replace("+asyncpg", "+psycopg")
+    assert journal_path(url) is None  # the URL is used as given
+    result = run_search(
+        candidate_night(4),
+        SPACE,
+        storage_url=url,
+        study_name="pg",
+        n_trials=8,
+        base=SHARED,
+        n_workers=2,
+    )
+    storage = optuna.storages.RDBStorage(url)
+    trials = optuna.load_study(study_name="pg", storage=storage).trials
+    close_storage(storage)
+    assert len(trials) == 8 and all(t.state in FINISHED for t in trials)
+    assert result.n_complete + result.n_pruned + result.n_failed == 8
+    assert len({_pid(t) for t in trials}) == 2
 
 
 def test_a_worker_on_another_process_joins_through_the_cli(tmp_path, candidate_night):
@@ -205,7 +238,7 @@ def test_a_killed_worker_does_not_hang_the_search(tmp_path, candidate_night):
             storage_url=url,
             study_name="killed",
             n_trials=6,
-            base={**BASE, "epochs": 3},
+            base=SHARED,
             n_workers=2,
         )
     finally:
