@@ -270,3 +270,13 @@ def test_dockerfile() -> None:
     for line in lines:
         if line.startswith("ENV "):
             assert not _SECRET_NAME.search(line), line
+
+
+def test_prefect_server_keeps_concurrency_leases_on_disk(services: dict[str, Any]) -> None:
+    # In memory, a restarted server forgets the slots of running flows and they are
+    # terminated; PrefectServer sets the same storage for servers it starts itself.
+    from pipeline.workflow.prefect_server import LEASE_STORAGE
+
+    environment = services["prefect-server"]["environment"]
+    assert environment["PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE"] == LEASE_STORAGE
+    assert environment["PREFECT_HOME"].startswith("/")
