@@ -15,11 +15,13 @@ import contextlib
 import logging
 import multiprocessing
 import os
-import threading
+import pickle
+import tempfile
 import time
 from collections.abc import Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 from pipeline.ml.data import CandidateDataset
@@ -99,36 +101,28 @@ def work_with_processes(
     """
     threads = threads_per_process(n_workers)
     processes: list[BaseProcess] = []
-    settings = {
-        "storage_url": storage_url,
-        "study_name": study.study_name,
-        "data": data,
-        "deadline": deadline,
-        "tracking_uri": tracking_uri,
-        "threads": threads,
-    }
-
-    # Starting a spawned process waits until it has imported torch and read its
-    # arguments (seconds): this process runs trials meanwhile.
-    starters = [
-        threading.Thread(
-            target=lambda index=index: processes.append(spawn_worker(index, **settings)),
-            name=f"astr-search-spawn-{index}",
-            daemon=True,
-        )
-        for index in range(1, n_workers)
-    ]
-    with torch_threads(threads):
-        for starter in starters:
-            starter.start()
+    with tempfile.TemporaryDirectory(prefix="astr-search-") as tmp, torch_threads(threads):
+        # The workers read the dataset from a file: spawning with it as an argument
+        # would block here until each worker had imported torch to unpickle it.
+        data_file = Path(tmp) / "dataset.pickle"
+        with data_file.open("wb") as handle:
+            pickle.dump(data, handle, protocol=pickle.HIGHEST_PROTOCOL)
         try:
+            for index in range(1, n_workers):
+                processes.append(
+                    spawn_worker(
+                        index,
+                        storage_url=storage_url,
+                        study_name=study.study_name,
+                        data_file=data_file,
+                        deadline=deadline,
+                        tracking_uri=tracking_uri,
+                        threads=threads,
+                    )
+                )
             work_on_study(study, storage, data, deadline=deadline, tracker=tracker)
-            for starter in starters:
-                starter.join()
             return wait_for_workers(processes, study)
         finally:
-            for starter in starters:
-                starter.join()
             stop_workers(processes)
             fail_abandoned_trials(study)
 
@@ -138,19 +132,22 @@ def spawn_worker(
     *,
     storage_url: str,
     study_name: str,
-    data: CandidateDataset,
+    data_file: Path,
     deadline: float | None,
     tracking_uri: str | None,
     threads: int,
 ) -> BaseProcess:
-    """Spawn worker ``index``: ``join_search`` with ``threads`` torch threads, daemonic."""
+    """Spawn worker ``index``: ``join_search`` with ``threads`` torch threads, daemonic.
+
+    ``data_file`` holds the pickled dataset; it must exist until the worker ends.
+    """
     context = multiprocessing.get_context("spawn")
     process = context.Process(
         target=_worker_main,
         kwargs={
             "storage_url": storage_url,
             "study_name": study_name,
-            "data": data,
+            "data_file": str(data_file),
             "deadline": deadline,
             "tracking_uri": tracking_uri,
             "threads": threads,
@@ -200,7 +197,7 @@ def _worker_main(
     *,
     storage_url: str,
     study_name: str,
-    data: CandidateDataset,
+    data_file: str,
     deadline: float | None,
     tracking_uri: str | None,
     threads: int,
@@ -210,6 +207,8 @@ def _worker_main(
     import torch
 
     torch.set_num_threads(threads)
+    with open(data_file, "rb") as handle:
+        data = pickle.load(handle)  # written by the process that spawned this one
     join_search(
         data,
         storage_url=storage_url,
