@@ -388,8 +388,10 @@ def _ensure_demo_model(config: Any, *, pairs: int, size: int, epochs: int, verbo
     """Train and deploy a small real/bogus model when production has none."""
     import os
 
+    from pipeline.flows.runtime import use_storage_for_mlflow
     from pipeline.ml.serving import deployed_model
 
+    use_storage_for_mlflow(config.storage_config)  # the model may be on an S3 endpoint
     served = deployed_model(
         config.mlflow_tracking_uri, "production", cache_dir=Path(config.home) / "models"
     )

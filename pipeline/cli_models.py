@@ -392,10 +392,10 @@ def rollback(
     env: EnvOption = "production", verbose: VerboseFlag = False, as_json: JsonFlag = False
 ) -> None:
     """Give an environment back to the version its current holder replaced."""
+    from pipeline.flows.runtime import model_registry
     from pipeline.flows.training import model_rollback_flow
-    from pipeline.ml.registry import ModelRegistry
 
-    ModelRegistry(get_config().mlflow_tracking_uri).rollback_target(env)  # names why not
+    model_registry(get_config()).rollback_target(env)  # names why not
     _start(verbose)
     _show(model_rollback_flow(env), as_json, "rolled back")
 
@@ -447,12 +447,12 @@ def models_drift(
 @models_app.command("list")
 def models_list(as_json: JsonFlag = False) -> None:
     """Every version of the real/bogus model: aliases, dataset and test metrics."""
-    from pipeline.ml.registry import ModelRegistry
+    from pipeline.flows.runtime import model_registry
 
     config = get_config()
     uri = config.mlflow_tracking_uri
     missing = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists()
-    rows = [] if missing else ModelRegistry(uri).versions()  # nothing created just to look
+    rows = [] if missing else model_registry(config).versions()  # nothing created just to look
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
