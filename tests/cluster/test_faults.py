@@ -29,7 +29,8 @@ from pipeline.config import load_config
 from pipeline.store import ArtifactStore, Catalogue
 from pipeline.workflow.concurrency import OBSERVATION_LIMIT
 
-pytestmark = pytest.mark.integration
+# Minutes of waiting for crash detection and a server restart: CI runs them, make test not.
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 #: Side of the simulated images (pixels): small, so a pipeline takes seconds.
 SIZE = 256
