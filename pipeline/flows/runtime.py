@@ -43,6 +43,7 @@ __all__ = [
     "mlflow_artifact_root",
     "model_registry",
     "pipeline_context",
+    "pool_size",
     "progress_hook",
     "register_file",
     "s3_endpoint",
@@ -83,6 +84,20 @@ def close_catalogues() -> None:
         catalogue.close()
 
 
+def pool_size(environ: Mapping[str, str] | None = None) -> int:
+    """Spare kernels to keep warm in this process.
+
+    A long-lived process (``astr observe``, the demo, a Dask worker) keeps three: every
+    spare is used by a later step, so it costs memory, not CPU. A process a worker
+    started for one flow run (``PREFECT__FLOW_RUN_ID`` set) keeps one: the next step's
+    kernel warms while a step runs, and the spares left when the run ends are thrown
+    away, so each one more is a kernel start (the science imports, seconds of CPU) wasted
+    per run; with three, eight kernels were started for a five-step pipeline.
+    """
+    env = os.environ if environ is None else environ
+    return 1 if env.get("PREFECT__FLOW_RUN_ID") else 3
+
+
 def get_runner(config: WorkflowConfig) -> NotebookRunner:
     """The process's notebook runner for this project home (one warm kernel pool)."""
     global _POOL
@@ -95,7 +110,7 @@ def get_runner(config: WorkflowConfig) -> NotebookRunner:
             # Each kernel is warmed once whatever the size, so a spare costs memory
             # (about 200 MB resident each, measured), not CPU; a burst beyond it falls back
             # to cold starts.
-            _POOL = KernelPool(3)
+            _POOL = KernelPool(pool_size())
         runner = _RUNNERS.get(key)
         if runner is None:
             home = Path(config.home)
