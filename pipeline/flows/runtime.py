@@ -18,17 +18,19 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.config import StorageConfig, WorkflowConfig
 from pipeline.errors import CatalogueError
 from pipeline.flows.publish import publish
-from pipeline.ml.registry import ModelRegistry
 from pipeline.runner import Attempt, KernelPool, NotebookRunner
 from pipeline.store import ArtifactStore, Catalogue
 from pipeline.store.models import Product
 from pipeline.store.products import save_product
 from pipeline.store.storage import sha256_file
+
+if TYPE_CHECKING:  # torch and MLflow load only when a flow needs the registry
+    from pipeline.ml.registry import ModelRegistry
 
 __all__ = [
     "PipelineContext",
@@ -184,6 +186,8 @@ def model_registry(config: WorkflowConfig) -> ModelRegistry:
     New experiments keep their artifacts under :func:`mlflow_artifact_root`, and the
     S3 endpoint reaches MLflow for logging and loading (:func:`use_storage_for_mlflow`).
     """
+    from pipeline.ml.registry import ModelRegistry
+
     use_storage_for_mlflow(config.storage_config)
     root = mlflow_artifact_root(config.storage_config, config.mlflow_tracking_uri)
     return ModelRegistry(config.mlflow_tracking_uri, artifact_root=root)

@@ -20,13 +20,14 @@ SQLite URL lives in an Optuna journal file next to the database instead (see
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ __all__ = [
     "journal_path",
     "load_search_study",
     "open_storage",
+    "opened_storage",
     "read_search_spec",
     "run_search",
     "search_spec",
@@ -186,8 +188,10 @@ def open_storage(storage_url: str, study_name: str, *, parallel: bool = False) -
         # pool_pre_ping: a pooled connection is checked before use, so a storage that
         # outlives a PostgreSQL restart reconnects instead of failing its next trial.
         return optuna.storages.RDBStorage(storage_url, engine_kwargs={"pool_pre_ping": True})
-    if journal.is_file() and _holds(_journal_storage(journal), study_name):
-        return _journal_storage(journal)
+    if journal.is_file():
+        existing = _journal_storage(journal)  # reads the whole journal: build it once
+        if _holds(existing, study_name):
+            return existing
     if not parallel:
         return optuna.storages.RDBStorage(storage_url)
     database = _sqlite_file(storage_url)
@@ -200,6 +204,16 @@ def open_storage(storage_url: str, study_name: str, *, parallel: bool = False) -
         )
     journal.parent.mkdir(parents=True, exist_ok=True)
     return _journal_storage(journal)
+
+
+@contextlib.contextmanager
+def opened_storage(storage_url: str, study_name: str, *, parallel: bool = False) -> Iterator[Any]:
+    """``open_storage`` for the block; its connections are released after it."""
+    storage = open_storage(storage_url, study_name, parallel=parallel)
+    try:
+        yield storage
+    finally:
+        close_storage(storage)
 
 
 def close_storage(storage: Any) -> None:
@@ -385,11 +399,8 @@ def read_search_spec(storage_url: str, study_name: str) -> dict[str, Any]:
     AstrError
         No such study, no spec, or a study started by one process in SQLite.
     """
-    storage = open_storage(storage_url, study_name, parallel=True)
-    try:
+    with opened_storage(storage_url, study_name, parallel=True) as storage:
         return search_spec(load_search_study(storage, study_name))
-    finally:
-        close_storage(storage)
 
 
 def summarize_study(study: optuna.Study) -> SearchResult:
@@ -655,8 +666,7 @@ def run_search(
     """
     if n_workers < 1:
         raise SearchSpaceError(f"n_workers must be at least 1, got {n_workers}")
-    storage = open_storage(storage_url, study_name, parallel=n_workers > 1)
-    try:
+    with opened_storage(storage_url, study_name, parallel=n_workers > 1) as storage:
         study = create_search_study(
             storage,
             study_name,
@@ -690,8 +700,6 @@ def run_search(
             if tracker is not None:
                 tracker.close()
         return summarize_study(study)
-    finally:
-        close_storage(storage)
 
 
 def join_search(
@@ -724,8 +732,7 @@ def join_search(
     """
     import optuna
 
-    storage = open_storage(storage_url, study_name, parallel=True)
-    try:
+    with opened_storage(storage_url, study_name, parallel=True) as storage:
         study = load_search_study(storage, study_name, worker_index=worker_index)
         tracker = None
         if tracking_uri:
@@ -747,8 +754,6 @@ def join_search(
             n_finished=len(finished),
             n_trials=int(search_spec(study)["n_trials"]),
         )
-    finally:
-        close_storage(storage)
 
 
 def _suggest(trial: Any, name: str, spec: Mapping[str, Any]) -> Any:
