@@ -132,7 +132,7 @@ def run_phase(
     from prefect.client.orchestration import get_client
 
     from pipeline.config import load_config
-    from pipeline.flows.batch import _read_runs
+    from pipeline.flows.batch import read_runs
     from pipeline.store import Catalogue
     from pipeline.workflow.concurrency import max_overlap, run_times
 
@@ -151,7 +151,7 @@ def run_phase(
     deadline = time.monotonic() + timeout
     with get_client(sync_client=True) as prefect:
         while True:
-            runs = _read_runs(prefect, ids)
+            runs = read_runs(prefect, ids)
             states = [r.state.type.value for r in runs.values() if r.state is not None]
             if len(states) == len(ids) and all(s in FINAL for s in states):
                 break

@@ -60,6 +60,7 @@ __all__ = [
     "PairOutcome",
     "batch_summary",
     "observation_batch_flow",
+    "read_runs",
     "validate_manifest",
 ]
 
@@ -360,7 +361,7 @@ def _through_deployments(
             runs: dict[str, Any] = {}
 
             def snapshot() -> dict[str, str]:
-                runs.update(_read_runs(client, list(started.values())))
+                runs.update(read_runs(client, list(started.values())))
                 return {name: _state_type(runs.get(rid)) for name, rid in started.items()}
 
             states, stalled = watch(snapshot, timeout=config.flow_timeout)
@@ -400,7 +401,8 @@ def _require_deployment(path: str) -> None:
             ) from None
 
 
-def _read_runs(client: Any, run_ids: list[str]) -> dict[str, Any]:
+def read_runs(client: Any, run_ids: list[str]) -> dict[str, Any]:
+    """Prefect's flow runs by id string, read a page at a time; a failed page is skipped."""
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     found: dict[str, Any] = {}
