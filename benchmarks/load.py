@@ -44,7 +44,6 @@ sys.path.insert(0, str(ROOT / "tests"))  # the throwaway PostgreSQL cluster, the
 
 TARGET = 1.6
 DECAM = ROOT / "tests" / "data" / "decam"
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "CRASHED"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +133,7 @@ def run_phase(
     from pipeline.config import load_config
     from pipeline.flows.batch import read_runs
     from pipeline.store import Catalogue
-    from pipeline.workflow.concurrency import max_overlap, run_times
+    from pipeline.workflow.concurrency import FINAL_STATES, max_overlap, run_times
 
     ids = []
     with stack.client() as client:
@@ -153,7 +152,7 @@ def run_phase(
         while True:
             runs = read_runs(prefect, ids)
             states = [r.state.type.value for r in runs.values() if r.state is not None]
-            if len(states) == len(ids) and all(s in FINAL for s in states):
+            if len(states) == len(ids) and all(s in FINAL_STATES for s in states):
                 break
             if time.monotonic() > deadline:
                 print(f"  gave up waiting: {sorted(set(states))}")

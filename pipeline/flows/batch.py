@@ -52,6 +52,7 @@ from pipeline.flows.steps import parse_observation_data
 from pipeline.flows.submit import read_manifest
 from pipeline.store import Catalogue
 from pipeline.types import FlowState, FlowType
+from pipeline.workflow.concurrency import FINAL_STATES
 from pipeline.workflow.deployments import deployment_path
 from pipeline.workflow.monitoring import monitoring_hooks
 
@@ -68,8 +69,6 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two looks at the pairs' states.
 POLL_SECONDS = 2.0
-#: Prefect state types after which a run changes no more on its own.
-FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 #: Most flow runs read from Prefect per request.
 PAGE = 200
 #: What a Dask future's state is once it has ended, one way or another.

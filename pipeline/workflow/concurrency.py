@@ -20,6 +20,7 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "FINAL_STATES",
     "OBSERVATION_LIMIT",
     "RunTimes",
     "ensure_limit",
@@ -111,7 +112,8 @@ class RunTimes:
         return (self.running - self.scheduled).total_seconds()
 
 
-_FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
+#: Prefect state types after which a run changes no more on its own.
+FINAL_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
 
 def times_from_states(flow_run_id: str, state: str, history: Iterable[Any]) -> RunTimes:
@@ -126,7 +128,7 @@ def times_from_states(flow_run_id: str, state: str, history: Iterable[Any]) -> R
             pending = item.timestamp
         elif kind == "RUNNING" and running is None:
             running = item.timestamp
-        elif kind in _FINAL and ended is None:
+        elif kind in FINAL_STATES and ended is None:
             ended = item.timestamp
     return RunTimes(flow_run_id, state, scheduled, pending, running, ended)
 
