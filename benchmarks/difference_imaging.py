@@ -507,11 +507,14 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("ASTR_PEERS_PYTHON"),
         help="interpreter with sfft and properimage (install_peers.sh)",
     )
+    parser.add_argument(
+        "--seeds", type=int, default=6, help="simulated 1024² pairs of each kind (seeds 0..N-1)"
+    )
     parser.add_argument("--no-speed", action="store_true")
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
-    seeds = [0] if args.quick else [0, 1, 2]
-    trials = 2 if args.quick else 10
+    seeds = [0] if args.quick else list(range(args.seeds))
+    trials = 2 if args.quick else 40
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="astr-bench-") as tmp:
         work = Path(tmp)

@@ -91,6 +91,7 @@ def detect_candidates(
     *,
     threshold: float = 5.0,
     edge: int = 10,
+    repaired_weight: float = 0.1,
 ) -> Table:
     """Measure every |S_corr| peak above ``threshold`` on the reference grid.
 
@@ -102,6 +103,12 @@ def detect_candidates(
         Detection threshold on |S_corr| (σ).
     edge : int
         Candidates closer than this to the image border get the EDGE flag.
+    repaired_weight : float
+        Candidates get the REPAIRED flag when repaired pixels (cosmic rays, bad columns
+        and pixels, filled from their neighbours) carry more than this share of the
+        matched filter's weight (the squared PSF of D) at their position: their score
+        may then come from an imperfect repair. A transient a few pixels from a bad
+        column keeps nearly all its weight and is not flagged.
 
     Returns
     -------
@@ -135,7 +142,7 @@ def detect_candidates(
             "sign": np.sign(snr).astype(int),
             "fwhm": shapes[:, 0],
             "elongation": shapes[:, 1],
-            "flags": _flags(pair, fine, snr, fwhm, edge),
+            "flags": _flags(pair, fine, snr, fwhm, edge, diff.P_D, repaired_weight),
         }
     )
     table["ra"].unit = table["dec"].unit = "deg"
@@ -143,18 +150,59 @@ def detect_candidates(
     return table
 
 
+def repaired_share(
+    repaired: np.ndarray, psf: np.ndarray, iy: np.ndarray, ix: np.ndarray
+) -> np.ndarray:
+    """Share of the matched filter's weight (ΣP²) on repaired pixels at each position.
+
+    Parameters
+    ----------
+    repaired : 2D ndarray of bool
+        Repaired pixels.
+    psf : 2D ndarray
+        PSF stamp (odd size), centred.
+    iy, ix : ndarray of int
+        Positions (pixels).
+
+    Returns
+    -------
+    ndarray of float
+        Values in [0, 1]; pixels beyond the image count as not repaired.
+    """
+    weight = np.asarray(psf, dtype=np.float64) ** 2
+    weight /= weight.sum()
+    half = weight.shape[0] // 2
+    padded = np.pad(repaired, half, constant_values=False)
+    out = np.zeros(len(iy))
+    for k, (y, x) in enumerate(zip(iy, ix, strict=True)):
+        window = padded[y : y + 2 * half + 1, x : x + 2 * half + 1]
+        out[k] = float(weight[window].sum())
+    return out
+
+
 def _flags(
-    pair: PreprocessedPair, yx: np.ndarray, snr: np.ndarray, fwhm: float, edge: int
+    pair: PreprocessedPair,
+    yx: np.ndarray,
+    snr: np.ndarray,
+    fwhm: float,
+    edge: int,
+    psf: np.ndarray,
+    repaired_weight: float,
 ) -> np.ndarray:
     ny, nx = pair.mask.shape
     y, x = yx[:, 0], yx[:, 1]
     flags = np.zeros(len(y), dtype=int)
     flags[(x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)] |= CandidateFlag.EDGE
     iy, ix = np.rint(y).astype(int), np.rint(x).astype(int)
+    iy = np.clip(iy, 0, ny - 1)
+    ix = np.clip(ix, 0, nx - 1)
+    repaired = (pair.mask & np.uint8(REPAIRED)) > 0
+    if repaired.any():
+        share = repaired_share(repaired, psf, iy, ix)
+        flags[share > repaired_weight] |= CandidateFlag.REPAIRED
     for bits, radius, flag in (
         (int(FATAL), 2.0 * fwhm, CandidateFlag.MASKED),
         (int(MaskBit.SATURATED), 4.0 * fwhm, CandidateFlag.NEAR_SATURATED),
-        (int(REPAIRED), 1.0 * fwhm, CandidateFlag.REPAIRED),
     ):
         hits = np.nonzero(pair.mask & bits)
         if len(hits[0]):

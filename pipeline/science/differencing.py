@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.fft
 from astropy.table import Table
 
 from pipeline.science.background import estimate_background
@@ -98,7 +101,8 @@ def difference_pair(
     flux_floor: bool = True,
     renormalise: bool = True,
     mask_growth: float = 1.5,
-    tile_size: int = 1024,
+    tile_size: int = 256,
+    min_flux_floor: float = 0.01,
 ) -> Difference:
     """Run ZOGY on each PSF tile of a preprocessed pair and stitch the products.
 
@@ -124,6 +128,10 @@ def difference_pair(
     tile_size : int
         Approximate tile side (pixels); each tile gets the PSFs at its centre. Tiles
         are used only where the PSF model varies across the field.
+    min_flux_floor : float
+        Smallest fractional flux-error floor, whatever the calibration measures: the
+        calibration rests on a handful of bright stars, and no PSF model of real
+        stars is better than about 1 % at their cores.
 
     Returns
     -------
@@ -146,23 +154,26 @@ def difference_pair(
     centre_tile = (grid[0] // 2, grid[1] // 2)
     p_d, f_d, used_backend = None, 1.0, backend
     slices = tile_slices(shape, grid, margin)
-    for index, (padded, own, inner) in enumerate(slices):
-        ty, tx = divmod(index, grid[1])
+
+    def run_tile(index: int) -> None:
+        nonlocal p_d, f_d
+        padded, own, inner = slices[index]
         cy = (own[0].start + own[0].stop - 1) / 2
         cx = (own[1].start + own[1].stop - 1) / 2
         result = zogy(
-            pair.science[padded],
-            pair.reference[padded],
+            _fast_size(pair.science[padded]),
+            _fast_size(pair.reference[padded]),
             pair.psf_science.at(cx, cy),
             pair.psf_reference.at(cx, cy),
             sigma_new=float(np.median(pair.science_rms[padded])),
             sigma_ref=float(np.median(pair.reference_rms[padded])),
             flux_new=ratio,
             flux_ref=1.0,
-            var_new=pair.science_var[padded] if source_noise else None,
-            var_ref=pair.reference_var[padded] if source_noise else None,
+            var_new=_fast_size(pair.science_var[padded], "edge") if source_noise else None,
+            var_ref=_fast_size(pair.reference_var[padded], "edge") if source_noise else None,
             astrometric_sigma=sigma_ast,
             backend=backend,
+            fft_workers=1 if parallel else -1,
         )
         outputs["D"][own] = result.D[inner]
         outputs["S"][own] = result.S[inner]
@@ -172,8 +183,20 @@ def difference_pair(
         # alpha is in reference units; report science ADU, as fakes are injected there
         outputs["alpha"][own] = ratio * result.alpha[inner]
         outputs["err"][own] = ratio * result.alpha_err[inner]
-        if (ty, tx) == centre_tile:
+        if divmod(index, grid[1]) == centre_tile:
             p_d, f_d = result.P_D, result.F_D
+
+    # tiles are independent and write disjoint regions; small transforms gain little
+    # from threads of their own, so on the CPU the tiles themselves run side by side
+    # (the transforms release the GIL)
+    threads = min(len(slices), os.cpu_count() or 1)
+    parallel = threads > 1 and backend != "torch" and not (backend == "auto" and torch_available())
+    if parallel:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            list(pool.map(run_tile, range(len(slices))))
+    else:
+        for index in range(len(slices)):
+            run_tile(index)
     if backend == "auto":
         used_backend = "torch" if torch_available() else "numpy"
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
@@ -182,10 +205,18 @@ def difference_pair(
     sources = pair.reference_sources
     point = _point_like(sources, pair.psf_reference.global_stamp)
     excluded = invalid | grow(pair.mask > 0, int(fwhm))
-    floor = calibrate_flux_floor(outputs, sources[point], excluded, fwhm) if flux_floor else 0.0
-    # resolved galaxies smooth PSF errors out: they get their own, measured, floor
+    floor = (
+        max(calibrate_flux_floor(outputs, sources[point], excluded, fwhm), min_flux_floor)
+        if flux_floor
+        else 0.0
+    )
+    # resolved galaxies smooth PSF errors out, or show their own: they get their own,
+    # measured, floor
     extended = (
-        calibrate_flux_floor(outputs, sources[~point], excluded, fwhm, default=floor)
+        max(
+            calibrate_flux_floor(outputs, sources[~point], excluded, fwhm, default=floor),
+            min_flux_floor,
+        )
         if flux_floor
         else 0.0
     )
@@ -304,7 +335,7 @@ def _floor_map(
 ) -> np.ndarray:
     """Fractional flux-error floor per pixel: ``extended`` over galaxies, ``floor`` elsewhere."""
     out = np.full(shape, floor, dtype=np.float32)
-    if extended >= floor or len(sources) == 0:
+    if extended == floor or len(sources) == 0:
         return out
     ny, nx = shape
     for row in sources[~point]:
@@ -323,6 +354,20 @@ def _floor_map(
         ix, iy = int(np.rint(row["x"])), int(np.rint(row["y"]))
         out[max(0, iy - r) : iy + r + 1, max(0, ix - r) : ix + r + 1] = floor
     return out
+
+
+def _fast_size(tile: np.ndarray, mode: str = "constant") -> np.ndarray:
+    """Pad a tile at its far sides to sizes the FFT handles fast (products of 2, 3, 5).
+
+    A tile of 256 px plus PSF margins is 354 px, whose factor 59 makes every transform
+    several times slower than at 360. The padding lies beyond the tile's margin, so the
+    tile's own region is computed exactly as without it; its results are cut away.
+    """
+    ny, nx = tile.shape
+    fy, fx = scipy.fft.next_fast_len(ny, real=True), scipy.fft.next_fast_len(nx, real=True)
+    if (fy, fx) == (ny, nx):
+        return tile
+    return np.pad(tile, ((0, fy - ny), (0, fx - nx)), mode=mode)
 
 
 def _edge(shape: tuple[int, int], width: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from enum import IntFlag
 from typing import Any
 
 import numpy as np
-from astropy.table import Table
+from astropy.table import Table, vstack
 from astropy.wcs import WCS
 from scipy import ndimage
 
@@ -174,16 +174,24 @@ def _psf_degree(n_stars: int) -> int:
 
 
 def _science_stars(
-    sources: Table, reference_stars: Table, shape: tuple[int, int], saturation: float
+    sources: Table,
+    reference_stars: Table,
+    shape: tuple[int, int],
+    saturation: float,
+    *,
+    min_snr: float = 15.0,
 ) -> Table:
     """PSF stars of the science image: the reference's point sources, where usable.
 
     The reference is usually deeper and sharper, so its stellar locus separates stars
     from compact galaxies far better than the science image's own; the same objects
     are then taken in the science image if they pass its brightness and isolation cuts.
+    The science's brightness bar is lower than the reference's (``min_snr``): the
+    objects are already known to be stars, and a shallow science image otherwise keeps
+    too few of them, while its own locus is then easily one of compact galaxies.
     """
     own = select_stars(sources, shape, saturation_level=saturation)
-    usable = select_stars(sources, shape, saturation_level=saturation, locus=False)
+    usable = select_stars(sources, shape, saturation_level=saturation, locus=False, min_snr=min_snr)
     if len(reference_stars) == 0 or len(usable) == 0:
         return own
     ia, _ = match_points(
@@ -335,7 +343,12 @@ def preprocess_pair(
     saturation_sci = science.saturation - backgrounds["science"]
     saturation_ref = reference.saturation - backgrounds["reference"]
     stars_ref = select_stars(ref_sources, shape, saturation_level=saturation_ref)
-    stars_sci = _science_stars(sci_sources, stars_ref, shape, saturation_sci)
+    # stars too bright for the reference's PSF are still stars, and the science image
+    # (shallower, or at worse seeing) may hold them unsaturated: its brightest stars,
+    # which alone carry the PSF's wings above the noise
+    too_bright = np.asarray(ref_sources["peak"]) >= 0.8 * saturation_ref
+    known_stars = vstack([stars_ref, ref_sources[too_bright]]) if too_bright.any() else stars_ref
+    stars_sci = _science_stars(sci_sources, known_stars, shape, saturation_sci)
     if psf_degree is None:  # one degree for both, set by the image with fewer stars
         psf_degree = _psf_degree(min(len(stars_sci), len(stars_ref)))
     psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)

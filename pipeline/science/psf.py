@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from astropy.table import Table
-from scipy import ndimage
+from scipy import ndimage, optimize
 
 from pipeline.errors import ScienceError
 
@@ -186,7 +186,7 @@ def _smooth_wings(basis: np.ndarray, fwhm: float) -> np.ndarray:
     weight = np.clip((outer - ellip) / max(outer - inner, 1e-6), 0.0, 1.0)
     weight = 0.5 - 0.5 * np.cos(np.pi * weight)
     rings = np.rint(ellip).astype(int)
-    profile = np.bincount(rings.ravel(), weights=basis[0].ravel()) / np.bincount(rings.ravel())
+    profile = _wing_profile(basis[0], rings, fwhm)
     smooth = basis.copy()
     smooth[0] = weight * basis[0] + (1.0 - weight) * profile[rings]
     smooth[1:] = weight * basis[1:]
@@ -194,6 +194,51 @@ def _smooth_wings(basis: np.ndarray, fwhm: float) -> np.ndarray:
     # profile: fade the wings to zero there (they hold a negligible share of the flux)
     edge = np.clip((centre - radius) / max(0.15 * centre, 1.0), 0.0, 1.0)
     return smooth * edge
+
+
+def _wing_profile(stamp: np.ndarray, rings: np.ndarray, fwhm: float) -> np.ndarray:
+    """Mean of ``stamp`` per ring, replaced by a fitted Moffat profile where it is noisy.
+
+    Faint PSF stars leave the outer rings' means uncertain, even negative; those values
+    would print a ring around every bright star in the difference. A Moffat profile is
+    fitted to every ring beyond 0.75 FWHM, each weighted by its standard error (the core
+    is left out: pixel integration flattens it), and from the first ring beyond 1.5 FWHM
+    measured to worse than 10 % the profile follows the fit (β bounded to 1.5–6, the
+    range of seeing-limited PSFs).
+    """
+    flat, values = rings.ravel(), stamp.ravel().astype(np.float64)
+    count = np.maximum(np.bincount(flat), 1)
+    mean = np.bincount(flat, weights=values) / count
+    spread = np.bincount(flat, weights=values**2) / count - mean**2
+    error = np.sqrt(np.clip(spread, 0.0, None) / count) + 1e-12
+    radius = np.arange(len(mean), dtype=np.float64)
+    noisy = np.flatnonzero((radius > 1.5 * fwhm) & ~(mean > 10.0 * error))
+    if len(noisy) == 0:
+        return mean
+    first = int(noisy[0])
+    # rings cut by the stamp's edge hold only corners: leave them out of the fit
+    fit = (radius >= 0.75 * fwhm) & (radius <= (stamp.shape[0] - 1) / 2)
+    if fit.sum() < 4 or mean[0] <= 0:
+        return np.clip(mean, 0.0, None)
+
+    def moffat(r: np.ndarray, peak: float, alpha: float, beta: float) -> np.ndarray:
+        return peak * (1.0 + (r / alpha) ** 2) ** -beta
+
+    try:
+        params, _ = optimize.curve_fit(
+            moffat,
+            radius[fit],
+            mean[fit],
+            p0=(mean[0], max(fwhm, 1.0), 3.0),
+            sigma=error[fit],
+            bounds=([0.0, 0.1, 1.5], [np.inf, 10.0 * fwhm, 6.0]),
+        )
+    except (RuntimeError, ValueError):
+        return np.clip(mean, 0.0, None)
+    out = mean.copy()
+    tail = radius >= first
+    out[tail] = moffat(radius[tail], *params)
+    return out
 
 
 def _model_error(stamps: np.ndarray, model: np.ndarray) -> float:

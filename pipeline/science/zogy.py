@@ -122,6 +122,7 @@ def zogy(
     astrometric_sigma: tuple[float, float] = (0.0, 0.0),
     flux_error_fraction: float = 0.0,
     backend: str = "numpy",
+    fft_workers: int = -1,
 ) -> ZogyResult:
     """Subtract ``ref`` from ``new`` with ZOGY and compute the corrected score.
 
@@ -147,6 +148,9 @@ def zogy(
         adds ``(f·S_N)² + (f·S_R)²`` to V_S so bright-star residuals are not significant.
     backend : {"numpy", "torch", "auto"}
         Where the transforms run; ``"auto"`` picks torch when a GPU is present.
+    fft_workers : int
+        Threads per CPU transform (-1: all cores). Callers that run several tiles at
+        once give 1, since small transforms gain little from threads of their own.
 
     Returns
     -------
@@ -160,7 +164,7 @@ def zogy(
     shape = new.shape
     var_new = sigma_new**2 if var_new is None else var_new
     var_ref = sigma_ref**2 if var_ref is None else var_ref
-    fft = _TorchFFT() if backend == "torch" else _NumpyFFT()
+    fft = _TorchFFT() if backend == "torch" else _NumpyFFT(fft_workers)
 
     psf_new = psf_new / psf_new.sum()
     psf_ref = psf_ref / psf_ref.sum()
@@ -326,13 +330,16 @@ def _centred_stamp(wrapped: np.ndarray, stamp_shape: tuple[int, int]) -> np.ndar
 
 
 class _NumpyFFT:
-    """Real transforms on the CPU with scipy.fft and all cores."""
+    """Real transforms on the CPU with scipy.fft (all cores unless told otherwise)."""
+
+    def __init__(self, workers: int = -1) -> None:
+        self.workers = workers
 
     def rfft2(self, a: np.ndarray) -> np.ndarray:
-        return scipy.fft.rfft2(np.asarray(a, dtype=np.float32), workers=-1)
+        return scipy.fft.rfft2(np.asarray(a, dtype=np.float32), workers=self.workers)
 
     def irfft2(self, a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        return scipy.fft.irfft2(a, s=shape, workers=-1)
+        return scipy.fft.irfft2(a, s=shape, workers=self.workers)
 
     @staticmethod
     def abs2(a: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pipeline.science.detection import (
     NoDetectionsWarning,
     detect_candidates,
     find_peaks,
+    repaired_share,
 )
 from pipeline.science.differencing import Difference
 from pipeline.science.preprocessing import MaskBit
@@ -54,6 +55,8 @@ PEAKS = [
     (64.0, 64.0, 12.0, CandidateFlag.NEAR_REFERENCE_SOURCE),
     (100.0, 95.0, 8.0, CandidateFlag.DIPOLE),
     (100.0, 100.0, -8.0, CandidateFlag.DIPOLE),
+    (20.0, 20.0, 9.0, CandidateFlag.REPAIRED),  # on a repaired cosmic ray
+    (60.0, 100.0, 9.0, 0),  # 3 px from a repaired bad column: its weight is elsewhere
 ]
 
 
@@ -64,6 +67,8 @@ def detected(make_pair, tan_wcs):
     mask = np.zeros(SHAPE, dtype=np.uint8)
     mask[30, 94] = MaskBit.NO_DATA  # 4 px from the third peak: within 2 FWHM
     mask[100, 40] = MaskBit.SATURATED  # 10 px from the fourth: within 4 FWHM, beyond 2
+    mask[19:22, 19:22] = MaskBit.COSMIC_RAY
+    mask[80:, 63] = MaskBit.BAD_COLUMN
     reference_sources = Table({"x": [66.0], "y": [65.0], "flux": [1e4], "snr": [100.0]})
     wcs = tan_wcs(SHAPE)
     pair = make_pair(
@@ -162,3 +167,14 @@ def test_constructed_cases_sit_inside_the_flag_radii() -> None:
     # the flag radii scale with the measured FWHM; keep the constructed cases meaningful
     assert 2.0 * measure_fwhm(PSF) > 4.0 + 1.0  # the NO_DATA pixel is inside 2 FWHM
     assert 2.0 * measure_fwhm(PSF) < 10.0 < 4.0 * measure_fwhm(PSF)
+
+
+def test_repaired_share_is_the_matched_filter_weight_on_repaired_pixels() -> None:
+    repaired = np.zeros(SHAPE, dtype=bool)
+    repaired[:, 63] = True  # a bad column
+    share = repaired_share(repaired, PSF, np.array([50, 50, 50]), np.array([63, 61, 10]))
+    weight = PSF**2 / np.sum(PSF**2)
+    assert share[0] == pytest.approx(weight[:, 12].sum())  # the column through the centre
+    assert share[1] == pytest.approx(weight[:, 14].sum())  # two columns off
+    assert share[2] == 0.0
+    assert share[0] > 0.1 > share[1]

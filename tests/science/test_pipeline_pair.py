@@ -13,7 +13,8 @@ from pipeline.science.background import estimate_background
 from pipeline.science.detection import NoDetectionsWarning, detect_candidates
 from pipeline.science.differencing import difference_pair
 from pipeline.science.preprocessing import preprocess_pair
-from pipeline.science.simulate import pure_noise_pair
+from pipeline.science.psf import measure_fwhm
+from pipeline.science.simulate import pure_noise_pair, simulate_pair
 
 
 def robust_std(values: np.ndarray) -> float:
@@ -153,7 +154,9 @@ def test_scorr_has_unit_variance_on_pure_noise(noise_pair) -> None:
     assert 0.9 < float(np.std(valid)) < 1.1
     assert abs(float(np.mean(valid))) < 0.05
     assert np.abs(valid).max() < 5.0  # 1 in 3.5 million per pixel: none expected here
-    assert raw.flux_floor == 0.0  # no stars to calibrate a floor on
+    # no stars to calibrate a floor on: the floor is the stated minimum
+    assert raw.flux_floor == pytest.approx(0.01)
+    assert difference_pair(noise_pair, backend="numpy", min_flux_floor=0.0).flux_floor == 0.0
     assert difference_pair(noise_pair, backend="numpy").scorr_scale == pytest.approx(1, abs=0.05)
 
 
@@ -182,3 +185,15 @@ def test_identical_images_give_no_candidates(pipeline_run) -> None:
         table = detect_candidates(diff, pair)
     assert len(table) == 0
     assert any(issubclass(w.category, NoDetectionsWarning) for w in caught)
+
+
+def test_a_shallow_science_image_takes_its_psf_stars_from_the_reference() -> None:
+    # In this pair (seed 3) only a handful of stars reach S/N 30 in the shallower science
+    # image, and the brightest compact objects there are galaxies, so the science image's
+    # own stellar locus is one of galaxies: its PSF came out 5.6 px wide instead of 4.1
+    # and the flux ratio 0.19 instead of 0.8, which hid every transient.
+    sim = simulate_pair((1024, 1024), seed=3)
+    pair = preprocess_pair(sim.science, sim.reference)
+    assert pair.psf_science.fwhm == pytest.approx(measure_fwhm(sim.psf_science), rel=0.05)
+    assert pair.flux.ratio == pytest.approx(sim.science.meta["flux_scale"], rel=0.02)
+    assert pair.psf_science.n_stars >= 5

@@ -125,3 +125,29 @@ def test_a_bright_neighbour_in_the_stamp_does_not_spoil_the_psf(
     assert len(stars) == 25 + (2 if neighbour_flux else 0)  # the faint two always in
     model = build_psf(data, stars, size=49, degree=0)  # 49: the size preprocess_pair used
     assert l1(model.global_stamp, moffat_psf(49, 3.0, 4.0)) < 0.1
+
+
+def test_wings_of_faint_stars_follow_the_profile_not_the_noise(
+    grid_positions, render_stars
+) -> None:
+    # only faint stars (S/N ~ 20-60): their outer rings are noise, which a bright star
+    # convolved with the model would print as a ring in the difference
+    rng = np.random.default_rng(7)
+    fwhm, beta = 4.0, 2.8
+    x, y = grid_positions(SHAPE, 64.0, margin=48.0, jitter=3.0, seed=7)
+    flux = np.exp(rng.uniform(np.log(2e3), np.log(6e3), x.size))
+    data = render_stars(SHAPE, x, y, flux, fwhm, beta=beta) + rng.normal(0.0, SIGMA, SHAPE)
+    data = data.astype(np.float32)
+    stars = select_stars(find_sources(data, SIGMA), SHAPE, min_snr=15.0)
+    model = build_psf(data, stars, degree=0)
+    truth = moffat_psf(model.size, fwhm, beta)
+    centre = model.size // 2
+    yy, xx = np.indices(truth.shape)
+    radius = np.hypot(yy - centre, xx - centre)
+    for r in (2.5 * fwhm, 3.0 * fwhm, 3.5 * fwhm, 4.5 * fwhm):
+        ring = np.abs(radius - r) < 0.5
+        ratio = model.global_stamp[ring].mean() / truth[ring].mean()
+        assert 0.6 < ratio < 1.6, (r, ratio)
+    rings = np.rint(radius).astype(int)
+    means = np.bincount(rings.ravel(), model.global_stamp.ravel()) / np.bincount(rings.ravel())
+    assert (means[: int(0.9 * centre)] > 0).all()  # no dark ring anywhere
