@@ -307,6 +307,13 @@ def calibrate_flux_floor(
         ratios.append(excess / signal.sum())
     if len(ratios) < 3:
         return default
+    ratios = np.asarray(ratios)
+    # a transient or a variable on a star is not a systematic of the subtraction: with a
+    # handful of stars one of them would set the floor for the whole image, so stars far
+    # above the others are left out first (the floor of the others covers them anyway)
+    centre = np.median(ratios)
+    spread = 1.4826 * np.median(np.abs(ratios - centre))
+    ratios = ratios[ratios <= centre + 5.0 * max(spread, 0.25 * abs(centre), 1e-6)]
     # the upper quartile, not the median: residuals vary from star to star (PSF changes
     # across the field, sub-pixel phase) and the floor must cover most of them
     return float(np.sqrt(max(np.quantile(ratios, 0.75), 0.0)))

@@ -70,7 +70,7 @@ def inpaint(data: np.ndarray, mask: np.ndarray, *, sigma: float = 1.5) -> np.nda
 
 
 def saturation_mask(
-    data: np.ndarray, saturation: float, *, radius: int = 3, scale: float = 1.0
+    data: np.ndarray, saturation: float, *, radius: int = 3, scale: float = 0.5
 ) -> np.ndarray:
     """Saturated pixels and bleed trails, each blob grown with its size.
 
@@ -87,27 +87,49 @@ def saturation_mask(
     radius : int
         Growth of a single saturated pixel.
     scale : float
-        Extra growth per pixel of the blob's width.
+        Extra growth per pixel of the blob's width. Half a pixel per pixel: a full one
+        masked about 2 % of a crowded 1024² field around three saturated stars, and
+        the transients there with it, while the difference images showed no more false
+        candidates at half the growth (scores within 1.5 FWHM of the mask stay invalid).
 
     Returns
     -------
     2D ndarray of bool
     """
+    distance, width = saturation_distance(data, saturation)
+    return distance <= radius + scale * width
+
+
+def saturation_distance(data: np.ndarray, saturation: float) -> tuple[np.ndarray, np.ndarray]:
+    """Distance of every pixel to the nearest saturated one, and that blob's width.
+
+    Parameters
+    ----------
+    data : 2D ndarray
+        Image in ADU, background included.
+    saturation : float
+        Saturation level in ADU; pixels above 98% of it count.
+
+    Returns
+    -------
+    tuple of 2D ndarray
+        Distance (pixels; infinite without saturation) and the width across columns of
+        the nearest saturated blob (0 without saturation).
+    """
     if not np.isfinite(saturation):
-        return np.zeros(data.shape, dtype=bool)
+        return np.full(data.shape, np.inf), np.zeros(data.shape)
     with np.errstate(invalid="ignore"):
         hit = data >= 0.98 * saturation
     if not hit.any():
-        return hit
+        return np.full(data.shape, np.inf), np.zeros(data.shape)
     labels, count = ndimage.label(hit)
     # size of each blob across the columns: bleed trails run along columns, so the
     # width, not the area, tracks how bright (and how wide-winged) the star is
     widths = np.zeros(count + 1)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         widths[index] = box[1].stop - box[1].start
-    reach = radius + scale * widths
     distance, (iy, ix) = ndimage.distance_transform_edt(~hit, return_indices=True)
-    return distance <= reach[labels[iy, ix]]
+    return distance, widths[labels[iy, ix]]
 
 
 def bad_column_mask(

@@ -18,7 +18,7 @@ from pipeline.science.masks import (
     bad_column_mask,
     cosmic_ray_mask,
     inpaint,
-    saturation_mask,
+    saturation_distance,
 )
 from pipeline.science.photometry import FluxScale, aperture_fraction, flux_scale
 from pipeline.science.psf import PSFModel, build_psf
@@ -117,19 +117,37 @@ class PreprocessedPair:
         }
 
 
-def _image_masks(image: Image, background: np.ndarray, rms: np.ndarray, cosmic: bool) -> dict:
-    """Bad-pixel masks of one image on its own grid, by kind."""
+def _image_masks(
+    image: Image, background: np.ndarray, rms: np.ndarray, cosmic: bool
+) -> tuple[dict, np.ndarray]:
+    """Bad-pixel masks of one image on its own grid, by kind, and its saturated wings.
+
+    The wings (each saturated blob grown by 3 px plus its width) are lost to nothing:
+    transients there are still measured. They only keep the sources in them out of the
+    registration, whose centroids the bright wing's gradient pulls.
+    """
     data = image.data
+    distance, width = saturation_distance(data, image.saturation)
     masks = {
         MaskBit.NO_DATA: ~np.isfinite(data),
-        MaskBit.SATURATED: saturation_mask(data, image.saturation),
+        MaskBit.SATURATED: distance <= 3 + 0.5 * width,
         MaskBit.BAD_COLUMN: bad_column_mask(data - background, rms),
     }
     if image.mask is not None:
         masks[MaskBit.BAD_PIXEL] = image.mask.astype(bool)
     if cosmic:
         masks[MaskBit.COSMIC_RAY] = cosmic_ray_mask(data, background, rms, gain=image.gain)
-    return masks
+    return masks, distance <= 3 + width
+
+
+def _outside(sources: Table, zone: np.ndarray) -> Table:
+    """The sources whose centre lies outside ``zone`` (a boolean image)."""
+    if len(sources) == 0:
+        return sources
+    ny, nx = zone.shape
+    iy = np.clip(np.rint(np.asarray(sources["y"])).astype(int), 0, ny - 1)
+    ix = np.clip(np.rint(np.asarray(sources["x"])).astype(int), 0, nx - 1)
+    return sources[~zone[iy, ix]]
 
 
 def _combine_bits(masks: dict) -> np.ndarray:
@@ -272,12 +290,13 @@ def preprocess_pair(
         clock = now
 
     raw_bits = {}
+    wings = {}
     backgrounds = {}
     subtracted = {}
     rms_maps = {}
     for role, image in (("science", science), ("reference", reference)):
         first = estimate_background(image.data, ~np.isfinite(image.data), box=background_box)
-        masks = _image_masks(image, first.level, first.rms, cosmic_rays)
+        masks, wings[role] = _image_masks(image, first.level, first.rms, cosmic_rays)
         bits = _combine_bits(masks)
         data, bkg = _subtract_background(image, bits > 0, background_box)
         data = inpaint(data, (bits & np.uint8(REPAIRED)) > 0)
@@ -288,6 +307,7 @@ def preprocess_pair(
     ref_sources = find_sources(
         subtracted["reference"], rms_maps["reference"], raw_bits["reference"] > 0
     )
+    ref_clean = _outside(ref_sources, wings["reference"])
     registration = None
     sci_noise = None
     if _same_grid(science.wcs, reference.wcs, shape) and science.shape == shape and not refine:
@@ -297,7 +317,8 @@ def preprocess_pair(
         sci_sources_raw = find_sources(
             subtracted["science"], rms_maps["science"], raw_bits["science"] > 0, threshold=5.0
         )
-        registration = refine_wcs(science.wcs, sci_sources_raw, reference.wcs, ref_sources)
+        sci_sources_raw = _outside(sci_sources_raw, wings["science"])
+        registration = refine_wcs(science.wcs, sci_sources_raw, reference.wcs, ref_clean)
         if science.shape == shape and _same_grid(registration.wcs, reference.wcs, shape, 0.05):
             sci_data, sci_bits = subtracted["science"], raw_bits["science"]
             registration.refined = False

@@ -83,7 +83,7 @@ def test_saturation_blobs_grow_with_their_width() -> None:
     data = np.zeros((200, 200), dtype=np.float32)
     data[50, 50] = 1000.0  # one pixel: grown by radius 3 + 1·width 1 = 4
     data[120:160, 118:123] = 1000.0  # 5 columns wide bleed: grown by 3 + 5 = 8
-    mask = saturation_mask(data, 1000.0)
+    mask = saturation_mask(data, 1000.0, scale=1.0)
     labels, count = ndimage.label(mask)
     assert count == 2
     boxes = ndimage.find_objects(labels)
