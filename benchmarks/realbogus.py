@@ -62,10 +62,25 @@ FNR = 0.01
 _CACHE_FORMAT = 3  # bump when the data code changes what a setting produces
 
 
+def code_digest() -> str:
+    """Digest of the code that turns settings into candidates (the science and the labels).
+
+    Part of the cache key, so a change to differencing or detection builds a new dataset
+    instead of measuring the model on candidates the pipeline no longer produces.
+    """
+    digest = hashlib.sha256()
+    files = sorted((REPO / "pipeline" / "science").glob("*.py"))
+    for path in [*files, REPO / "pipeline" / "ml" / "data.py"]:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def dataset_settings(args: argparse.Namespace) -> dict:
     """Everything that decides the simulated dataset's contents (its cache key)."""
     return {
         "format": _CACHE_FORMAT,
+        "code": code_digest(),
         "seeds": [args.first_seed, args.first_seed + args.images],
         "shape": [args.size, args.size],
         "vary": True,

@@ -102,9 +102,29 @@ def psf_to_otf_shape(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         raise ScienceError(f"PSF stamp must have odd dimensions, got {psf.shape}")
     if ny > shape[0] or nx > shape[1]:
         raise ScienceError(f"PSF stamp {psf.shape} is larger than the image {shape}")
-    padded = np.zeros(shape, dtype=np.float32)
-    padded[:ny, :nx] = psf
-    return np.roll(padded, (-(ny // 2), -(nx // 2)), axis=(0, 1))
+    wrapped = np.roll(np.asarray(psf, dtype=np.float32), (-(ny // 2), -(nx // 2)), axis=(0, 1))
+    return _place_wrapped(wrapped, shape, ny // 2, nx // 2)
+
+
+def _place_wrapped(kernel: np.ndarray, shape: tuple[int, int], hy: int, hx: int) -> np.ndarray:
+    """Copy a small wrapped kernel (centre at index 0) into a zero array of ``shape``.
+
+    The kernel holds offsets ``-hy … gy-hy-1`` (rows) and ``-hx … gx-hx-1`` (columns); the
+    non-negative ones go to the array's start and the negative ones to its end, as a
+    roll of the whole array would put them, without moving the whole array twice.
+    """
+    gy, gx = kernel.shape
+    ny, nx = shape
+    py, px = gy - hy, gx - hx  # how many non-negative offsets
+    out = np.zeros(shape, dtype=np.float32)
+    out[:py, :px] = kernel[:py, :px]
+    if hx:
+        out[:py, nx - hx :] = kernel[:py, px:]
+    if hy:
+        out[ny - hy :, :px] = kernel[py:, :px]
+    if hy and hx:
+        out[ny - hy :, nx - hx :] = kernel[py:, px:]
+    return out
 
 
 def zogy(
@@ -256,11 +276,7 @@ class _Kernels:
     def embed(self, kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """Place a wrapped small-grid kernel into a full-size wrapped array."""
         gy, gx = self.grid
-        hy, hx = gy // 2, gx // 2
-        out = np.zeros(shape, dtype=np.float32)
-        centred = np.roll(kernel, (hy, hx), axis=(0, 1))
-        out[:gy, :gx] = centred
-        return np.roll(out, (-hy, -hx), axis=(0, 1))
+        return _place_wrapped(kernel, shape, gy // 2, gx // 2)
 
 
 def _check_inputs(
