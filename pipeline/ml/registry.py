@@ -262,8 +262,11 @@ class ModelRegistry:
         """Move ``environment`` to ``version`` if it beats the holder on ``test_data``.
 
         Both are compared on the same candidates: the lower false-positive rate at a
-        miss rate of ``COMPARE_FNR`` wins, the higher AUC breaking a tie. With ``force``
-        the version is deployed whatever the comparison says.
+        miss rate of ``COMPARE_FNR`` wins, the higher AUC breaking a tie. A test set with
+        too few real candidates for that miss rate to mean anything (fewer than
+        ``1 / COMPARE_FNR``: the operating point would keep every one of them, and the
+        single worst-scored real would decide) is compared on AUC first instead. With
+        ``force`` the version is deployed whatever the comparison says.
         """
         _check_environment(environment)
         self._version(version)
@@ -278,7 +281,11 @@ class ModelRegistry:
             old_eval = evaluate(
                 self.load(current).predict_proba(test_data.triplets), test_data, COMPARE_FNR
             )
-            better = (new_eval.fpr, -new_eval.auc) < (old_eval.fpr, -old_eval.auc)
+            if int(test_data.label.sum()) * COMPARE_FNR >= 1.0:
+                better = (new_eval.fpr, -new_eval.auc) < (old_eval.fpr, -old_eval.auc)
+            else:
+                better = (-new_eval.auc, new_eval.fpr) < (-old_eval.auc, old_eval.fpr)
+                reason += " (few real candidates: AUC decides)"
             reason += f" against v{current}: FPR {old_eval.fpr:.4f}, AUC {old_eval.auc:.4f}"
             if not better and not force:
                 return Deployment(environment, version, current, False, f"refused: {reason}")

@@ -12,6 +12,7 @@ from astropy.table import Table, vstack
 from astropy.wcs import WCS
 from scipy import ndimage
 
+from pipeline.errors import ScienceError
 from pipeline.science.background import Background, estimate_background
 from pipeline.science.image import Image
 from pipeline.science.masks import (
@@ -384,22 +385,32 @@ def preprocess_pair(
             np.column_stack([ref_sources["x"], ref_sources["y"]]),
             1.5,
         )
-        use = stars_sci[ia] if len(ia) >= 3 else ref_sources
         radius = 3.0 * max(psf_sci.fwhm, psf_ref.fwhm)
         correction = aperture_fraction(psf_ref.global_stamp, radius) / aperture_fraction(
             psf_sci.global_stamp, radius
         )
-        scale = flux_scale(
-            sci,
-            ref,
-            np.asarray(use["x"]),
-            np.asarray(use["y"]),
-            radius=radius,
-            rms_science=sci_rms,
-            rms_reference=ref_rms,
-            mask=bad,
-            aperture_correction=correction,
-        )
+
+        def scale_on(use: Table) -> FluxScale:
+            return flux_scale(
+                sci,
+                ref,
+                np.asarray(use["x"]),
+                np.asarray(use["y"]),
+                radius=radius,
+                rms_science=sci_rms,
+                rms_reference=ref_rms,
+                mask=bad,
+                aperture_correction=correction,
+            )
+
+        try:  # the PSF stars first: isolated point sources
+            if len(ia) < 3:
+                raise ScienceError("fewer than 3 PSF stars in both images")
+            scale = scale_on(stars_sci[ia])
+        except ScienceError:
+            # the PSF stars' S/N bar in the science image is lower than the flux scale's:
+            # in a sparse field every source bright enough in both images has to do
+            scale = scale_on(ref_sources)
     else:
         scale = FluxScale(ratio=float(flux_ratio), error=0.0, scatter=0.0, n_stars=0)
     lap("flux_scale")

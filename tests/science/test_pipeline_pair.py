@@ -197,3 +197,12 @@ def test_a_shallow_science_image_takes_its_psf_stars_from_the_reference() -> Non
     assert pair.psf_science.fwhm == pytest.approx(measure_fwhm(sim.psf_science), rel=0.05)
     assert pair.flux.ratio == pytest.approx(sim.science.meta["flux_scale"], rel=0.02)
     assert pair.psf_science.n_stars >= 5
+
+
+def test_a_sparse_field_still_gets_a_flux_scale() -> None:
+    # 150 stars on 512²: only two PSF stars are bright enough in both images for the
+    # flux scale, which then falls back to every source bright enough in both
+    sim = simulate_pair((512, 512), seed=12, n_stars=150, n_galaxies=40, n_transients=30)
+    pair = preprocess_pair(sim.science, sim.reference)
+    assert pair.flux.n_stars >= 3
+    assert pair.flux.ratio == pytest.approx(sim.science.meta["flux_scale"], rel=0.03)

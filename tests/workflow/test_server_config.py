@@ -38,7 +38,13 @@ TOKEN = "tok-0123456789abcdef-xyz"
 
 
 def _server(home: Path) -> PrefectServer:
-    config = dataclasses.replace(load_config(environ={}), home=home)
+    # a port of its own: a Prefect server the user left running on the default port
+    # (4200) would otherwise answer for this one before it starts
+    config = dataclasses.replace(
+        load_config(environ={}),
+        home=home,
+        prefect_server_url=f"http://127.0.0.1:{free_port()}/api",
+    )
     return PrefectServer(config, start_timeout=PREFECT_START_TIMEOUT)
 
 
