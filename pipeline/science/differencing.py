@@ -152,8 +152,15 @@ def difference_pair(
     keys = ("D", "S", "V", "S_N", "S_R", "alpha", "err")
     outputs = {k: np.zeros(shape, dtype=np.float32) for k in keys}
     centre_tile = (grid[0] // 2, grid[1] // 2)
-    p_d, f_d, used_backend = None, 1.0, backend
+    p_d, f_d = None, 1.0
+    if backend == "auto":
+        backend = "torch" if torch_available() else "numpy"
     slices = tile_slices(shape, grid, margin)
+    # tiles are independent and write disjoint regions; small transforms gain little
+    # from threads of their own, so on the CPU the tiles themselves run side by side
+    # (the transforms release the GIL)
+    threads = min(len(slices), os.cpu_count() or 1)
+    parallel = threads > 1 and backend == "numpy"
 
     def run_tile(index: int) -> None:
         nonlocal p_d, f_d
@@ -186,40 +193,25 @@ def difference_pair(
         if divmod(index, grid[1]) == centre_tile:
             p_d, f_d = result.P_D, result.F_D
 
-    # tiles are independent and write disjoint regions; small transforms gain little
-    # from threads of their own, so on the CPU the tiles themselves run side by side
-    # (the transforms release the GIL)
-    threads = min(len(slices), os.cpu_count() or 1)
-    parallel = threads > 1 and backend != "torch" and not (backend == "auto" and torch_available())
     if parallel:
         with ThreadPoolExecutor(max_workers=threads) as pool:
             list(pool.map(run_tile, range(len(slices))))
     else:
         for index in range(len(slices)):
             run_tile(index)
-    if backend == "auto":
-        used_backend = "torch" if torch_available() else "numpy"
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
     invalid = grow((pair.mask & np.uint8(FATAL)) > 0, int(np.ceil(mask_growth * fwhm)))
     invalid |= _edge(shape, int(np.ceil(fwhm)))
     sources = pair.reference_sources
     point = _point_like(sources, pair.psf_reference.global_stamp)
     excluded = invalid | grow(pair.mask > 0, int(fwhm))
-    floor = (
-        max(calibrate_flux_floor(outputs, sources[point], excluded, fwhm), min_flux_floor)
-        if flux_floor
-        else 0.0
-    )
-    # resolved galaxies smooth PSF errors out, or show their own: they get their own,
-    # measured, floor
-    extended = (
-        max(
-            calibrate_flux_floor(outputs, sources[~point], excluded, fwhm, default=floor),
-            min_flux_floor,
-        )
-        if flux_floor
-        else 0.0
-    )
+    floor = extended = 0.0
+    if flux_floor:
+        floor = calibrate_flux_floor(outputs, sources[point], excluded, fwhm)
+        # resolved galaxies smooth PSF errors out, or show their own: they get their
+        # own, measured, floor
+        extended = calibrate_flux_floor(outputs, sources[~point], excluded, fwhm, default=floor)
+        floor, extended = max(floor, min_flux_floor), max(extended, min_flux_floor)
     floors = _floor_map(sources, point, floor, extended, shape, fwhm)
     systematic = floors**2 * (outputs["S_N"] ** 2 + outputs["S_R"] ** 2)
     inflation = np.sqrt(1.0 + systematic / outputs["V"])
@@ -250,7 +242,7 @@ def difference_pair(
         scorr_scale=float(scale),
         flux_floor=float(floor),
         flux_floor_extended=float(extended),
-        backend=used_backend,
+        backend=backend,
         seconds=time.perf_counter() - start,
         tiles=[(int(s[1][0].start), int(s[1][1].start)) for s in slices],
     )

@@ -96,32 +96,36 @@ def saturation_mask(
     -------
     2D ndarray of bool
     """
-    distance, width = saturation_distance(data, saturation)
-    return distance <= radius + scale * width
+    return saturation_masks(data, saturation, radius=radius, scale=scale)[0]
 
 
-def saturation_distance(data: np.ndarray, saturation: float) -> tuple[np.ndarray, np.ndarray]:
-    """Distance of every pixel to the nearest saturated one, and that blob's width.
+def saturation_masks(
+    data: np.ndarray,
+    saturation: float,
+    *,
+    radius: int = 3,
+    scale: float = 0.5,
+    wing_scale: float = 1.0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`saturation_mask` and the wider zone of the saturated stars' bright wings.
 
-    Parameters
-    ----------
-    data : 2D ndarray
-        Image in ADU, background included.
-    saturation : float
-        Saturation level in ADU; pixels above 98% of it count.
+    Both come from one distance transform. The wings (each blob grown by
+    ``radius + wing_scale·width``) are not lost: transients there are still measured;
+    they only keep the sources in them out of uses their bright gradient spoils, such
+    as centroids for the registration.
 
     Returns
     -------
-    tuple of 2D ndarray
-        Distance (pixels; infinite without saturation) and the width across columns of
-        the nearest saturated blob (0 without saturation).
+    tuple of 2D ndarray of bool
+        The mask, and the wing zone (which contains it when ``wing_scale >= scale``).
     """
     if not np.isfinite(saturation):
-        return np.full(data.shape, np.inf), np.zeros(data.shape)
+        empty = np.zeros(data.shape, dtype=bool)
+        return empty, empty.copy()
     with np.errstate(invalid="ignore"):
         hit = data >= 0.98 * saturation
     if not hit.any():
-        return np.full(data.shape, np.inf), np.zeros(data.shape)
+        return hit, hit.copy()
     labels, count = ndimage.label(hit)
     # size of each blob across the columns: bleed trails run along columns, so the
     # width, not the area, tracks how bright (and how wide-winged) the star is
@@ -129,7 +133,8 @@ def saturation_distance(data: np.ndarray, saturation: float) -> tuple[np.ndarray
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         widths[index] = box[1].stop - box[1].start
     distance, (iy, ix) = ndimage.distance_transform_edt(~hit, return_indices=True)
-    return distance, widths[labels[iy, ix]]
+    width = widths[labels[iy, ix]]
+    return distance <= radius + scale * width, distance <= radius + wing_scale * width
 
 
 def bad_column_mask(

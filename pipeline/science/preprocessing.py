@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from enum import IntFlag
@@ -19,7 +20,7 @@ from pipeline.science.masks import (
     bad_column_mask,
     cosmic_ray_mask,
     inpaint,
-    saturation_distance,
+    saturation_masks,
 )
 from pipeline.science.photometry import FluxScale, aperture_fraction, flux_scale
 from pipeline.science.psf import PSFModel, build_psf
@@ -123,22 +124,21 @@ def _image_masks(
 ) -> tuple[dict, np.ndarray]:
     """Bad-pixel masks of one image on its own grid, by kind, and its saturated wings.
 
-    The wings (each saturated blob grown by 3 px plus its width) are lost to nothing:
-    transients there are still measured. They only keep the sources in them out of the
+    The wings (:func:`saturation_masks`) keep the sources in them out of the
     registration, whose centroids the bright wing's gradient pulls.
     """
     data = image.data
-    distance, width = saturation_distance(data, image.saturation)
+    saturated, wings = saturation_masks(data, image.saturation)
     masks = {
         MaskBit.NO_DATA: ~np.isfinite(data),
-        MaskBit.SATURATED: distance <= 3 + 0.5 * width,
+        MaskBit.SATURATED: saturated,
         MaskBit.BAD_COLUMN: bad_column_mask(data - background, rms),
     }
     if image.mask is not None:
         masks[MaskBit.BAD_PIXEL] = image.mask.astype(bool)
     if cosmic:
         masks[MaskBit.COSMIC_RAY] = cosmic_ray_mask(data, background, rms, gain=image.gain)
-    return masks, distance <= 3 + width
+    return masks, wings
 
 
 def _outside(sources: Table, zone: np.ndarray) -> Table:
@@ -209,17 +209,16 @@ def _science_stars(
     objects are already known to be stars, and a shallow science image otherwise keeps
     too few of them, while its own locus is then easily one of compact galaxies.
     """
-    own = select_stars(sources, shape, saturation_level=saturation)
     usable = select_stars(sources, shape, saturation_level=saturation, locus=False, min_snr=min_snr)
-    if len(reference_stars) == 0 or len(usable) == 0:
-        return own
-    ia, _ = match_points(
-        np.column_stack([usable["x"], usable["y"]]),
-        np.column_stack([reference_stars["x"], reference_stars["y"]]),
-        1.5,
-    )
-    enough = len(ia) >= 2 and len(ia) >= min(5, len(reference_stars))
-    return usable[ia] if enough else own
+    if len(reference_stars) and len(usable):
+        ia, _ = match_points(
+            np.column_stack([usable["x"], usable["y"]]),
+            np.column_stack([reference_stars["x"], reference_stars["y"]]),
+            1.5,
+        )
+        if len(ia) >= 2 and len(ia) >= min(5, len(reference_stars)):
+            return usable[ia]
+    return select_stars(sources, shape, saturation_level=saturation)
 
 
 def _same_grid(wcs_a: WCS, wcs_b: WCS, shape: tuple[int, int], tolerance: float = 0.02) -> bool:
@@ -403,11 +402,11 @@ def preprocess_pair(
                 aperture_correction=correction,
             )
 
-        try:  # the PSF stars first: isolated point sources
-            if len(ia) < 3:
-                raise ScienceError("fewer than 3 PSF stars in both images")
-            scale = scale_on(stars_sci[ia])
-        except ScienceError:
+        scale = None
+        if len(ia) >= 3:  # the PSF stars first: isolated point sources
+            with contextlib.suppress(ScienceError):
+                scale = scale_on(stars_sci[ia])
+        if scale is None:
             # the PSF stars' S/N bar in the science image is lower than the flux scale's:
             # in a sparse field every source bright enough in both images has to do
             scale = scale_on(ref_sources)

@@ -113,3 +113,17 @@ def test_grow_reaches_radius_pixels_and_no_further() -> None:
     assert not grown[np.maximum(abs(yy - 10), abs(xx - 10)) > 3].any()  # within the square
     assert grow(mask, 0).sum() == 1
     assert grow(mask, 0) is not mask
+
+
+def test_saturation_wings_grow_by_the_whole_width_and_hold_the_mask() -> None:
+    from pipeline.science.masks import saturation_masks
+
+    data = np.zeros((200, 200), dtype=np.float32)
+    data[120:160, 118:123] = 1000.0  # 5 columns wide: mask grows 3 + 2.5, wings 3 + 5
+    mask, wings = saturation_masks(data, 1000.0)
+    assert np.array_equal(mask, saturation_mask(data, 1000.0))
+    assert (wings >= mask).all()
+    assert wings[140, 122 + 8] and not wings[140, 122 + 9]
+    assert mask[140, 122 + 5] and not mask[140, 122 + 6]
+    none, no_wings = saturation_masks(data, np.inf)
+    assert not none.any() and not no_wings.any()
