@@ -64,6 +64,36 @@ def _subpixel(score: np.ndarray, y: int, x: int) -> tuple[float, float]:
     return y + dy, x + dx
 
 
+def _peak_value(image: np.ndarray, y: int, x: int) -> float:
+    """Value at the summit between the pixels, from the peak and its four neighbours.
+
+    A matched-filter map sampled at the pixel nearest a source reads low by the
+    filter's response to the sub-pixel offset (up to 4 % at half a pixel in both
+    axes for a 4-pixel PSF, 8 % for a 3-pixel one). Near its summit the map is the
+    autocorrelation of the PSF, close to a Gaussian: a parabola through the
+    logarithms of the three values along each axis finds the summit's height.
+    Where a neighbour has the other sign (noise, or a dipole's other half) the
+    pixel's own value is kept.
+    """
+    ny, nx = image.shape
+    centre = float(image[y, x])
+    if not (0 < x < nx - 1 and 0 < y < ny - 1) or centre == 0:
+        return centre
+    sign = 1.0 if centre > 0 else -1.0
+    values = sign * np.array(
+        [image[y, x - 1], image[y, x + 1], image[y - 1, x], image[y + 1, x]], dtype=float
+    )
+    if np.any(values <= 0) or np.any(values > abs(centre)):
+        return centre
+    logs = np.log(values / abs(centre))  # <= 0: the centre is the highest
+    gain = 0.0
+    for a, c in ((logs[0], logs[1]), (logs[2], logs[3])):
+        curvature = -(a + c)
+        if curvature > 0:
+            gain += (a - c) ** 2 / (8.0 * curvature)
+    return centre * float(np.exp(min(gain, 0.5)))
+
+
 def _shape(image: np.ndarray, y: int, x: int, half: int) -> tuple[float, float]:
     """FWHM (pixels) and elongation from second moments of the positive part near a peak."""
     ny, nx = image.shape
@@ -137,7 +167,7 @@ def detect_candidates(
             "ra": world.ra.deg,
             "dec": world.dec.deg,
             "snr": snr,
-            "flux": diff.alpha[ys, xs].astype(float),
+            "flux": [_peak_value(diff.alpha, y, x) for y, x in zip(ys, xs, strict=True)],
             "flux_err": diff.alpha_err[ys, xs].astype(float),
             "sign": np.sign(snr).astype(int),
             "fwhm": shapes[:, 0],

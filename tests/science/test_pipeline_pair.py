@@ -206,3 +206,40 @@ def test_a_sparse_field_still_gets_a_flux_scale() -> None:
     pair = preprocess_pair(sim.science, sim.reference)
     assert pair.flux.n_stars >= 3
     assert pair.flux.ratio == pytest.approx(sim.science.meta["flux_scale"], rel=0.03)
+
+
+def test_transients_on_galaxies_do_not_set_the_galaxies_flux_floor() -> None:
+    # In this pair (seed 5) a quarter of the bright galaxies hold a transient near the
+    # centre; read as residuals of the subtraction they had doubled the galaxies' floor
+    # (upper quartile 1.4 % against 0.7 % without them), which hid the transients on them
+    floors = []
+    for n_transients in (60, 0):
+        sim = simulate_pair((1024, 1024), seed=5, n_transients=n_transients)
+        pair = preprocess_pair(sim.science, sim.reference)
+        diff = difference_pair(pair, backend="numpy", min_flux_floor_extended=0.0)
+        floors.append(diff.flux_floor_extended)
+    with_transients, without = floors
+    assert with_transients <= without + 0.002
+    assert without < 0.005  # galaxies smooth PSF errors out: far below the stars' 1 %
+
+
+def test_calibrated_floor_takes_the_asked_quantile_of_the_sources() -> None:
+    from astropy.table import Table
+
+    from pipeline.science.differencing import calibrate_flux_floor
+
+    # 9 sources on a line, each window holding residual S² = V + r_i (S_N² + S_R²)
+    rng = np.random.default_rng(0)
+    ratios = np.sort(rng.uniform(1e-5, 4e-5, 9))
+    shape = (21, 9 * 21)
+    maps = {k: np.zeros(shape, np.float32) for k in ("S", "V", "S_N", "S_R")}
+    maps["V"][:] = 1.0
+    maps["S_N"][:] = 100.0
+    xs = 10 + 21 * np.arange(9)
+    for x, r in zip(xs, ratios, strict=True):
+        maps["S"][:, x - 10 : x + 11] = np.sqrt(1.0 + r * 100.0**2)
+    sources = Table({"x": xs.astype(float), "y": np.full(9, 10.0)})
+    invalid = np.zeros(shape, bool)
+    for q in (0.5, 0.75):
+        got = calibrate_flux_floor(maps, sources, invalid, 3.0, quantile=q)
+        assert got == pytest.approx(np.sqrt(np.quantile(ratios, q)), rel=1e-3)
