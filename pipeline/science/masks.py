@@ -70,13 +70,20 @@ def inpaint(data: np.ndarray, mask: np.ndarray, *, sigma: float = 1.5) -> np.nda
 
 
 def saturation_mask(
-    data: np.ndarray, saturation: float, *, radius: int = 3, scale: float = 0.5
+    data: np.ndarray,
+    saturation: float,
+    *,
+    radius: int = 3,
+    scale: float = 0.5,
+    min_column_length: int = 16,
 ) -> np.ndarray:
     """Saturated pixels and bleed trails, each blob grown with its size.
 
     A saturated star's unknown flux leaves residuals in its wings far beyond its
     saturated core, the farther the brighter it is; so each blob of saturated pixels
     is grown by ``radius + scale·width`` pixels, its width measured across columns.
+    A hot column (one pixel wide, at least ``min_column_length`` long) is a detector
+    defect, not a star: it has no wings and is left to :func:`bad_column_mask`.
 
     Parameters
     ----------
@@ -91,12 +98,16 @@ def saturation_mask(
         masked about 2 % of a crowded 1024² field around three saturated stars, and
         the transients there with it, while the difference images showed no more false
         candidates at half the growth (scores within 1.5 FWHM of the mask stay invalid).
+    min_column_length : int
+        Shortest one-pixel-wide saturated run taken for a hot column.
 
     Returns
     -------
     2D ndarray of bool
     """
-    return saturation_masks(data, saturation, radius=radius, scale=scale)[0]
+    return saturation_masks(
+        data, saturation, radius=radius, scale=scale, min_column_length=min_column_length
+    )[0]
 
 
 def saturation_masks(
@@ -106,6 +117,7 @@ def saturation_masks(
     radius: int = 3,
     scale: float = 0.5,
     wing_scale: float = 1.0,
+    min_column_length: int = 16,
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`saturation_mask` and the wider zone of the saturated stars' bright wings.
 
@@ -114,10 +126,19 @@ def saturation_masks(
     they only keep the sources in them out of uses their bright gradient spoils, such
     as centroids for the registration.
 
+    Saturated runs one pixel wide and at least ``min_column_length`` long are hot
+    columns of the detector, not stars: a star bright enough to bleed that far
+    saturates a core wider than one pixel, and a hot column has no wings. Masked
+    and grown as a star, a hot column had hidden every transient within about
+    ten pixels of its whole length. It is left out of the mask (:func:`bad_column_mask`
+    finds it, and it is repaired from its neighbours) and kept in the wing zone,
+    grown as a one-pixel-wide star, so no registration centroid is taken beside it.
+
     Returns
     -------
     tuple of 2D ndarray of bool
-        The mask, and the wing zone (which contains it when ``wing_scale >= scale``).
+        The mask, and the wing zone (which contains it when ``wing_scale >= scale``;
+        it also holds the hot columns).
     """
     if not np.isfinite(saturation):
         empty = np.zeros(data.shape, dtype=bool)
@@ -130,11 +151,28 @@ def saturation_masks(
     # size of each blob across the columns: bleed trails run along columns, so the
     # width, not the area, tracks how bright (and how wide-winged) the star is
     widths = np.zeros(count + 1)
+    column = np.zeros(count + 1, dtype=bool)
     for index, box in enumerate(ndimage.find_objects(labels), start=1):
         widths[index] = box[1].stop - box[1].start
-    distance, (iy, ix) = ndimage.distance_transform_edt(~hit, return_indices=True)
+        column[index] = widths[index] == 1 and box[0].stop - box[0].start >= min_column_length
+    columns = column[labels]
+    stars = hit & ~columns
+    if not stars.any():
+        empty = np.zeros(data.shape, dtype=bool)
+        return empty, _near(columns, radius + wing_scale)
+    distance, (iy, ix) = ndimage.distance_transform_edt(~stars, return_indices=True)
     width = widths[labels[iy, ix]]
-    return distance <= radius + scale * width, distance <= radius + wing_scale * width
+    wings = distance <= radius + wing_scale * width
+    if columns.any():  # repaired, but no place for a registration centroid
+        wings |= _near(columns, radius + wing_scale)
+    return distance <= radius + scale * width, wings
+
+
+def _near(pixels: np.ndarray, radius: float) -> np.ndarray:
+    """Pixels within ``radius`` of any of ``pixels``."""
+    if not pixels.any():
+        return pixels.copy()
+    return ndimage.distance_transform_edt(~pixels) <= radius
 
 
 def bad_column_mask(

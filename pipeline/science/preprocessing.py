@@ -187,11 +187,6 @@ def _shift_psf(model: PSFModel, shift: tuple[float, float]) -> PSFModel:
     )
 
 
-def _psf_degree(n_stars: int) -> int:
-    """Spatial degree of a PSF model that ``n_stars`` stars can constrain."""
-    return 0 if n_stars < 10 else 1 if n_stars < 30 else 2
-
-
 def _science_stars(
     sources: Table,
     reference_stars: Table,
@@ -270,8 +265,9 @@ def preprocess_pair(
     cosmic_rays : bool
         Detect and mask cosmic-ray hits.
     psf_degree : int, optional
-        Degree of the PSF's polynomial variation across the field (default: from the
-        number of stars).
+        Degree of the PSF's polynomial variation across the field, for both images
+        (default: for each image the degree its stars best support, see
+        :func:`pipeline.science.psf.choose_degree`).
     flux_ratio : float, optional
         Known science/reference flux ratio (default: measured on matched stars).
 
@@ -370,8 +366,6 @@ def preprocess_pair(
     too_bright = np.asarray(ref_sources["peak"]) >= 0.8 * saturation_ref
     known_stars = vstack([stars_ref, ref_sources[too_bright]]) if too_bright.any() else stars_ref
     stars_sci = _science_stars(sci_sources, known_stars, shape, saturation_sci)
-    if psf_degree is None:  # one degree for both, set by the image with fewer stars
-        psf_degree = _psf_degree(min(len(stars_sci), len(stars_ref)))
     psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)
     psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=mask > 0, degree=psf_degree)
     if registration is not None and registration.shift is not None:

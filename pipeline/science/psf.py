@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ from scipy import ndimage, optimize
 
 from pipeline.errors import ScienceError
 
-__all__ = ["PSFModel", "build_psf", "measure_fwhm", "psf_stamp_size"]
+__all__ = ["PSFModel", "build_psf", "choose_degree", "measure_fwhm", "psf_stamp_size"]
 
 
 @dataclass
@@ -119,7 +120,8 @@ def build_psf(
     size : int, optional
         Stamp size (odd); default from the stars' half-light radius.
     degree : int, optional
-        Degree of the spatial variation; default 0 below 10 stars, 1 below 30, else 2.
+        Degree of the spatial variation; by default the one that predicts each star's
+        core best from the other stars (:func:`choose_degree`).
     mask : 2D ndarray of bool, optional
         Bad pixels: stars with one in the core are skipped, elsewhere the pixel is ignored.
 
@@ -139,13 +141,13 @@ def build_psf(
     stamps, xs, ys, fluxes = _star_stamps(data, stars, size, mask)
     if len(stamps) < 2:
         raise ScienceError(f"only {len(stamps)} PSF stars have clean {size}×{size} stamps")
-    if degree is None:
-        degree = 0 if len(stamps) < 10 else 1 if len(stamps) < 30 else 2
-    terms = _terms(xs, ys, data.shape, degree)
     # a normalised stamp's noise in the background-limited wings goes as 1/flux, so
     # rows are scaled by flux (inverse-variance weights ∝ flux²), within limits so a
     # few bright stars do not stand alone
     weights = np.clip(fluxes / np.median(fluxes), 0.2, 10.0)
+    if degree is None:
+        degree = choose_degree(stamps, xs, ys, data.shape, weights)
+    terms = _terms(xs, ys, data.shape, degree)
     basis = _fit_basis(stamps, terms, weights)
     fwhm = measure_fwhm(basis[0])
     basis = _smooth_wings(basis, fwhm)
@@ -263,8 +265,70 @@ def _model_error(stamps: np.ndarray, model: np.ndarray) -> float:
     return float(np.sqrt(np.median(errors))) if errors else 0.0
 
 
+def choose_degree(
+    stamps: np.ndarray,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    shape: tuple[int, int],
+    weights: np.ndarray,
+    *,
+    max_degree: int = 2,
+) -> int:
+    """Spatial degree whose model predicts each star's core best from the other stars.
+
+    For each degree the stars can constrain (at least twice as many stars as terms),
+    the core of every stamp (within a sixth of the stamp's width, about 1.5 FWHM) is
+    predicted by the weighted fit to the others (the exact leave-one-out residual of
+    linear least squares, ``r / (1 - h)``); the degree with the smallest weighted sum
+    of squares wins. A PSF that varies across the field earns its spatial terms; a
+    handful of stars, or a PSF that does not vary, keeps the constant model, whose
+    extrapolation to the field's corners cannot go wrong.
+
+    Parameters
+    ----------
+    stamps : 3D ndarray
+        Normalised star stamps (n, size, size), NaN where missing.
+    xs, ys : ndarray
+        Star positions (pixels).
+    shape : tuple of int
+        Image shape (for scaling positions).
+    weights : ndarray
+        Per-star weights (as in the fit).
+    max_degree : int
+        Highest degree tried.
+
+    Returns
+    -------
+    int
+    """
+    n, size, _ = stamps.shape
+    centre = (size - 1) / 2
+    yy, xx = np.indices((size, size))
+    core = np.hypot(yy - centre, xx - centre) <= max(1.5, size / 6.0)
+    values = stamps[:, core]
+    present = np.isfinite(values)
+    values = np.where(present, values, 0.0)
+    w = weights[:, None] * present * ~_far_from_median(values, present)
+    best, best_score = 0, np.inf
+    for degree in range(max_degree + 1):
+        terms = _terms(xs, ys, shape, degree)
+        if n < 2 * terms.shape[1]:
+            break
+        w2 = w**2
+        normal = np.einsum("nk,nj,nl->jkl", terms, w2, terms) + 1e-12 * np.eye(terms.shape[1])
+        inverse = np.linalg.inv(normal)
+        coef = np.einsum("jkl,nl,nj->jk", inverse, terms, w2 * values)
+        resid = values - np.einsum("nk,jk->nj", terms, coef)
+        leverage = w2 * np.einsum("nk,jkl,nl->nj", terms, inverse, terms)
+        loo = resid / np.clip(1.0 - leverage, 1e-3, None)
+        score = float(np.sum(w2 * loo**2))
+        if score < best_score:
+            best, best_score = degree, score
+    return best
+
+
 def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) -> np.ndarray:
-    """Weighted least-squares polynomial per pixel, with 3σ clipping of outlying pixels.
+    """Weighted least-squares polynomial per pixel, with clipping of outlying pixels.
 
     All pixels are solved at once through their (terms × terms) normal equations.
     """
@@ -273,6 +337,11 @@ def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) 
     present = np.isfinite(values)
     values = np.where(present, values, 0.0)
     weights = star_weights[:, None] * present
+    if terms.shape[1] > 1:
+        # start from the pixels near the median of the stars: a least-squares fit with
+        # spatial terms that begins with a bright neighbour in one stamp bends those
+        # terms towards it, and leaves residuals too spread for the clipping to find it
+        weights = weights * ~_far_from_median(values, present)
     ridge = 1e-12 * np.eye(terms.shape[1])
     for _ in range(3):
         w2 = weights**2
@@ -287,6 +356,16 @@ def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) 
         weights = star_weights[:, None] * present * (np.abs(resid) < 3.0 * spread)
     basis = coef.reshape(terms.shape[1], sy, sx)
     return _recentre(basis)
+
+
+def _far_from_median(values: np.ndarray, present: np.ndarray, nsigma: float = 5.0) -> np.ndarray:
+    """Star pixels more than ``nsigma`` robust deviations from the stars' median."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # pixels no star covers
+        data = np.where(present, values, np.nan)
+        median = np.nanmedian(data, axis=0)
+        spread = 1.4826 * np.nanmedian(np.abs(data - median), axis=0)
+    return np.abs(values - median) > nsigma * spread + 1e-9
 
 
 def _recentre(basis: np.ndarray) -> np.ndarray:

@@ -127,3 +127,19 @@ def test_saturation_wings_grow_by_the_whole_width_and_hold_the_mask() -> None:
     assert mask[140, 122 + 5] and not mask[140, 122 + 6]
     none, no_wings = saturation_masks(data, np.inf)
     assert not none.any() and not no_wings.any()
+
+
+def test_a_hot_column_is_no_saturated_star() -> None:
+    from pipeline.science.masks import saturation_masks
+
+    data = np.zeros((200, 200), dtype=np.float32)
+    data[30:200, 60] = 1000.0  # a hot column at the saturation level, to the top edge
+    data[50:54, 120] = 1000.0  # a short one-pixel bleed: still a star
+    data[120:160, 148:151] = 1000.0  # a three-column bleed trail
+    mask, wings = saturation_masks(data, 1000.0)
+    # the hot column is neither masked nor grown: it is a bad column, repaired
+    assert not mask[:, 55:66].any()
+    # but no registration centroid is taken beside it
+    assert wings[100, 60 - 4 : 60 + 5].all() and not wings[100, 60 + 5]
+    # the stars keep their growth
+    assert mask[52, 120 + 3] and mask[140, 150 + 4]

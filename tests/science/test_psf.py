@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import ScienceError
-from pipeline.science.psf import build_psf, measure_fwhm, psf_stamp_size
+from pipeline.science.psf import build_psf, choose_degree, measure_fwhm, psf_stamp_size
 from pipeline.science.psfmodel import moffat_psf
 from pipeline.science.sources import find_sources, select_stars
 
@@ -151,3 +151,41 @@ def test_wings_of_faint_stars_follow_the_profile_not_the_noise(
     rings = np.rint(radius).astype(int)
     means = np.bincount(rings.ravel(), model.global_stamp.ravel()) / np.bincount(rings.ravel())
     assert (means[: int(0.9 * centre)] > 0).all()  # no dark ring anywhere
+
+
+def test_the_degree_is_the_one_the_stars_support(field) -> None:
+    # a FWHM gradient across the field earns the linear terms; a constant PSF does not
+    varying, stars = field(lambda x, y: 3.0 + x / (SHAPE[1] - 1), seed=1)
+    assert build_psf(varying, stars).degree >= 1
+    constant, stars = field(3.5, seed=0)
+    assert build_psf(constant, stars).degree == 0
+    # too few stars for the terms: the constant model, whatever they show
+    assert build_psf(varying, stars[:5]).degree == 0
+
+
+def test_choose_degree_predicts_each_star_from_the_others() -> None:
+    rng = np.random.default_rng(3)
+    x, y = rng.uniform(0, 300, 12), rng.uniform(0, 300, 12)
+    widths = 3.0 + 1.5 * x / 300
+    stamps = np.stack([moffat_psf(15, w, 3.0) for w in widths])
+    stamps = stamps + rng.normal(0.0, 1e-4, stamps.shape)
+    assert choose_degree(stamps, x, y, (300, 300), np.ones(12)) >= 1
+    flat = np.stack([moffat_psf(15, 3.5, 3.0) for _ in widths])
+    flat = flat + rng.normal(0.0, 1e-4, flat.shape)
+    assert choose_degree(flat, x, y, (300, 300), np.ones(12)) == 0
+
+
+def test_bright_neighbours_do_not_bend_the_spatial_terms() -> None:
+    # In this pair (seed 3) six of the reference's 20 PSF stars hold brighter neighbours
+    # in their 47-px stamps. The linear fit that started from every pixel bent its
+    # spatial terms towards them, past the clipping: a quarter of the PSF's flux went
+    # into false wings, and the flux ratio came out 0.58 instead of 0.8.
+    from pipeline.science.photometry import aperture_fraction
+    from pipeline.science.preprocessing import preprocess_pair
+    from pipeline.science.simulate import simulate_pair
+
+    sim = simulate_pair((1024, 1024), seed=3)
+    pair = preprocess_pair(sim.science, sim.reference, psf_degree=1)
+    psf = pair.psf_reference
+    assert aperture_fraction(psf.global_stamp, 3.0 * psf.fwhm) > 0.97
+    assert pair.flux.ratio == pytest.approx(0.8, rel=0.02)
