@@ -229,8 +229,16 @@ def run(args: argparse.Namespace) -> dict:
         "false_removed": float(np.mean(p[~real] < 0.5)) if (~real).any() else float("nan"),
         "fakes_snr_ge_7_kept": float(np.mean(p[bright] >= 0.5)) if bright.any() else float("nan"),
         "fakes_kept": float(np.mean(p[real] >= 0.5)) if real.any() else float("nan"),
-        "false_scores": sorted(np.round(p[~real], 3).tolist()),
-        "false_snr": np.round(bench.snr[~real], 1).tolist(),
+        # each false candidate's S/N, kind, trial and score together, highest score first
+        "false": sorted(
+            (
+                {"snr": round(float(s), 1), "kind": k, "trial": i, "rb": round(float(q), 3)}
+                for s, k, i, q in zip(
+                    bench.snr[~real], bench.kind[~real], bench.image[~real], p[~real], strict=True
+                )
+            ),
+            key=lambda row: -row["rb"],
+        ),
     }
     report["decam"]["own_detections"] = own_detections(model)
     return report
@@ -299,8 +307,9 @@ def print_report(report: dict) -> None:
     print("the pair's own detections without fakes (in every trial; unlabelled data):")
     for row in d["own_detections"]:
         print(f"  {row}")
-    print(f"false candidates' S/N {d['false_snr']}")
-    print(f"false candidates' rb scores {d['false_scores']}")
+    print("false candidates (S/N, kind, trial, rb), highest score first:")
+    for row in d["false"]:
+        print(f"  {row}")
 
 
 def main(argv: list[str] | None = None) -> int:
