@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from astropy.table import Table
+from scipy.spatial import cKDTree
 
 from pipeline.errors import AstrError, ScienceError
 
@@ -435,6 +436,7 @@ def injected_dataset(
     threshold: float = 5.0,
     match_radius: float = 2.0,
     spacing: float = 18.0,
+    exclude: Table | None = None,
 ) -> CandidateDataset:
     """Candidates of a real pair with fake point sources injected, labelled by the fakes.
 
@@ -457,6 +459,10 @@ def injected_dataset(
         Split of all candidates.
     trials, n_fakes, snr_range, seed :
         How many injection rounds, fakes per round, their S/N range and the seed.
+    exclude : astropy.table.Table, optional
+        Known astrophysical sources in the pair (``x``, ``y`` on the reference grid),
+        such as a variable confirmed in another exposure: a candidate within the match
+        radius of one is left out, being neither a fake nor bogus.
     """
     from pipeline.science.simulate import inject_fakes, snr_to_flux
 
@@ -488,8 +494,18 @@ def injected_dataset(
             fwhm=fwhm,
             match_radius=_match_radius(fwhm, match_radius),
         )
+        if exclude is not None and len(exclude) and len(candidates):
+            known = _near_any(candidates, exclude, _match_radius(fwhm, match_radius))
+            candidates, kind, injected = candidates[~known], kind[~known], injected[~known]
         parts.append(_samples(pair, diff, candidates, kind, injected, cutout_size, name, split))
     return concatenate(parts)
+
+
+def _near_any(candidates: Table, sources: Table, radius: float) -> np.ndarray:
+    """Which candidates lie within ``radius`` pixels of any of ``sources``."""
+    tree = cKDTree(np.column_stack([np.asarray(sources["x"]), np.asarray(sources["y"])]))
+    xy = np.column_stack([np.asarray(candidates["x"]), np.asarray(candidates["y"])])
+    return np.isfinite(tree.query(xy, distance_upper_bound=radius)[0])
 
 
 def _spread_positions(

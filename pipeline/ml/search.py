@@ -68,6 +68,8 @@ SPEC_ATTR = "astr_search"
 PARENT_RUN_ATTR = "mlflow_parent_run"
 #: The trial user attribute naming the process that claimed it.
 WORKER_ATTR = "worker"
+#: The trial user attribute holding the epoch whose validation loss is the trial's value.
+KEPT_EPOCH_ATTR = "kept_epoch"
 #: A running trial whose worker left no name is taken for abandoned after this long.
 UNNAMED_GRACE_S = 60.0
 
@@ -615,7 +617,12 @@ def _run_trial(
         raise
     else:
         status = "FINISHED"
-        study.tell(trial, min(h["val_loss"] for h in model.history))
+        # the trial's value is the validation loss of the epoch the trained model keeps
+        # (the best-separating one), not the lowest over all epochs: the study ranks
+        # settings by the models they make
+        kept = next(h for h in model.history if h["epoch"] == model.best_epoch)
+        trial.set_user_attr(KEPT_EPOCH_ATTR, int(model.best_epoch))
+        study.tell(trial, float(kept["val_loss"]))
     finally:
         if tracker is not None and trial.number in tracker.runs:
             tracker.end(trial.number, status)

@@ -171,6 +171,18 @@ def test_injected_dataset_labels_fakes_in_a_real_pair():
     assert np.all(centre > 0)  # a brightening at the centre of each real stamp
     with pytest.raises(ValueError, match="unknown split"):
         injected_dataset(science, reference, name="x", split="holdout")
+    # the nucleus at the centre brightened between the epochs (both epoch-04 exposures
+    # show it): told it is known, the dataset leaves its candidates out, and only them
+    from astropy.table import Table
+
+    known = Table({"x": [128.3], "y": [128.2]})
+    kept = injected_dataset(
+        science, reference, name="decam-04a", split="test", trials=2, n_fakes=12, seed=5,
+        exclude=known,
+    )  # fmt: skip
+    assert len(kept) == len(data) - 2  # one per trial
+    assert np.sum(kept.label == 0) == np.sum(~real) - 2
+    assert np.sum(kept.label == 1) == real.sum()
 
 
 def test_match_radius_grows_with_the_seeing():

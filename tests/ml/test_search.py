@@ -49,6 +49,19 @@ def test_search_runs_resumes_and_nests_trials_in_mlflow(tmp_path, candidate_nigh
     again = run_search(data, SPACE, n_trials=5, **common)  # nothing left to run
     assert again == resumed
 
+    # each finished trial's value is the validation loss of the epoch its model keeps
+    import optuna
+
+    from pipeline.ml.search import KEPT_EPOCH_ATTR, close_storage, open_storage
+
+    storage = open_storage(common["storage_url"], "rb-test")
+    trials = optuna.load_study(study_name="rb-test", storage=storage).get_trials()
+    close_storage(storage)
+    for trial in trials:
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            kept = trial.user_attrs[KEPT_EPOCH_ATTR]
+            assert trial.value == pytest.approx(trial.intermediate_values[kept])
+
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=common["tracking_uri"])
