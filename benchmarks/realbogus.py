@@ -286,10 +286,15 @@ def run(args: argparse.Namespace) -> dict:
         "false_removed": float(np.mean(p[~real] < 0.5)) if (~real).any() else float("nan"),
         "fakes_snr_ge_7_kept": float(np.mean(p[bright] >= 0.5)) if bright.any() else float("nan"),
         "fakes_kept": float(np.mean(p[real] >= 0.5)) if real.any() else float("nan"),
-        # each false candidate's S/N, kind, trial and score together, highest score first
+        # each false candidate's S/N, kind, exposure and score together, highest score first
         "false": sorted(
             (
-                {"snr": round(float(s), 1), "kind": k, "trial": i, "rb": round(float(q), 3)}
+                {
+                    "snr": round(float(s), 1),
+                    "kind": str(k),
+                    "image": str(i),
+                    "rb": round(float(q), 3),
+                }
                 for s, k, i, q in zip(
                     bench.snr[~real], bench.kind[~real], bench.image[~real], p[~real], strict=True
                 )
@@ -370,7 +375,7 @@ def print_report(report: dict) -> None:
     print("the pair's own detections without fakes (in every trial; unlabelled data):")
     for row in d["own_detections"]:
         print(f"  {row}")
-    print("false candidates (S/N, kind, trial, rb), highest score first:")
+    print("false candidates (S/N, kind, exposure, rb), highest score first:")
     for row in d["false"]:
         print(f"  {row}")
 
