@@ -315,8 +315,7 @@ def choose_degree(
         if n < 2 * terms.shape[1]:
             break
         w2 = w**2
-        normal = np.einsum("nk,nj,nl->jkl", terms, w2, terms) + 1e-12 * np.eye(terms.shape[1])
-        inverse = np.linalg.inv(normal)
+        inverse = np.linalg.inv(_normal_matrices(terms, w2))
         coef = np.einsum("jkl,nl,nj->jk", inverse, terms, w2 * values)
         resid = values - np.einsum("nk,jk->nj", terms, coef)
         leverage = w2 * np.einsum("nk,jkl,nl->nj", terms, inverse, terms)
@@ -342,10 +341,9 @@ def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) 
         # spatial terms that begins with a bright neighbour in one stamp bends those
         # terms towards it, and leaves residuals too spread for the clipping to find it
         weights = weights * ~_far_from_median(values, present)
-    ridge = 1e-12 * np.eye(terms.shape[1])
     for _ in range(3):
         w2 = weights**2
-        normal = np.einsum("nk,nj,nl->jkl", terms, w2, terms) + ridge
+        normal = _normal_matrices(terms, w2)
         rhs = np.einsum("nk,nj->jk", terms, w2 * values)
         coef = np.linalg.solve(normal, rhs[..., None])[..., 0].T
         resid = values - terms @ coef
@@ -356,6 +354,15 @@ def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) 
         weights = star_weights[:, None] * present * (np.abs(resid) < 3.0 * spread)
     basis = coef.reshape(terms.shape[1], sy, sx)
     return _recentre(basis)
+
+
+def _normal_matrices(terms: np.ndarray, w2: np.ndarray) -> np.ndarray:
+    """Per-pixel normal matrices (pixels, terms, terms) of a weighted polynomial fit.
+
+    ``terms`` is (stars, terms), ``w2`` the squared weights (stars, pixels); a tiny ridge
+    keeps pixels that no star covers solvable.
+    """
+    return np.einsum("nk,nj,nl->jkl", terms, w2, terms) + 1e-12 * np.eye(terms.shape[1])
 
 
 def _far_from_median(values: np.ndarray, present: np.ndarray, nsigma: float = 5.0) -> np.ndarray:
