@@ -148,3 +148,17 @@ def test_torch_backend_matches_numpy() -> None:
         new, ref, PN, PR, sigma_new=10, sigma_ref=5, var_new=new.clip(0) + 100.0, backend="torch"
     )
     np.testing.assert_allclose(a.S_corr, b.S_corr, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(256, 256), (354, 360), (101, 97)])
+def test_compact_kernel_transform_equals_the_full_one(shape) -> None:
+    from pipeline.science.zogy import _NumpyFFT, _place_wrapped
+
+    fft = _NumpyFFT()
+    rng = np.random.default_rng(1)
+    for size, (hy, hx) in (((47, 47), (23, 23)), ((15, 21), (7, 10)), ((9, 9), (0, 0))):
+        kernel = rng.normal(size=size).astype(np.float32)
+        full = fft.rfft2(_place_wrapped(kernel, shape, hy, hx))
+        compact = fft.rfft2_placed(kernel, shape, hy, hx)
+        assert compact.dtype == full.dtype
+        assert np.abs(compact - full).max() <= 1e-5 * np.abs(full).max()
