@@ -15,11 +15,12 @@ __all__ = [
 ]
 
 
-def grow(mask: np.ndarray, radius: int) -> np.ndarray:
+def grow(mask: np.ndarray, radius: float) -> np.ndarray:
     """Dilate a boolean mask by a disc of ``radius`` pixels."""
     if radius <= 0 or not mask.any():
         return mask.copy()
-    y, x = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    half = int(np.floor(radius))
+    y, x = np.mgrid[-half : half + 1, -half : half + 1]
     disc = (x * x + y * y) <= radius * radius
     if radius <= 2:
         return ndimage.binary_dilation(mask, structure=disc)
@@ -159,20 +160,13 @@ def saturation_masks(
     stars = hit & ~columns
     if not stars.any():
         empty = np.zeros(data.shape, dtype=bool)
-        return empty, _near(columns, radius + wing_scale)
+        return empty, grow(columns, radius + wing_scale)
     distance, (iy, ix) = ndimage.distance_transform_edt(~stars, return_indices=True)
     width = widths[labels[iy, ix]]
     wings = distance <= radius + wing_scale * width
     if columns.any():  # repaired, but no place for a registration centroid
-        wings |= _near(columns, radius + wing_scale)
+        wings |= grow(columns, radius + wing_scale)
     return distance <= radius + scale * width, wings
-
-
-def _near(pixels: np.ndarray, radius: float) -> np.ndarray:
-    """Pixels within ``radius`` of any of ``pixels``."""
-    if not pixels.any():
-        return pixels.copy()
-    return ndimage.distance_transform_edt(~pixels) <= radius
 
 
 def bad_column_mask(

@@ -308,13 +308,12 @@ def choose_degree(
     values = stamps[:, core]
     present = np.isfinite(values)
     values = np.where(present, values, 0.0)
-    w = weights[:, None] * present * ~_far_from_median(values, present)
+    w2 = (weights[:, None] * present * ~_far_from_median(values, present)) ** 2
     best, best_score = 0, np.inf
     for degree in range(max_degree + 1):
         terms = _terms(xs, ys, shape, degree)
         if n < 2 * terms.shape[1]:
             break
-        w2 = w**2
         inverse = np.linalg.inv(_normal_matrices(terms, w2))
         coef = np.einsum("jkl,nl,nj->jk", inverse, terms, w2 * values)
         resid = values - np.einsum("nk,jk->nj", terms, coef)

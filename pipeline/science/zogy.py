@@ -101,14 +101,6 @@ def psf_to_otf_shape(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return _place_wrapped(wrapped, shape, hy, hx)
 
 
-def _placement(
-    psf: np.ndarray, shape: tuple[int, int]
-) -> tuple[np.ndarray, tuple[int, int], int, int]:
-    """Arguments of ``rfft2_placed`` for a centred PSF stamp in an image of ``shape``."""
-    wrapped, hy, hx = _wrapped_psf(psf, shape)
-    return wrapped, shape, hy, hx
-
-
 def _wrapped_psf(psf: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, int, int]:
     """The stamp rolled so its centre is at index 0, and its half sizes (for placing)."""
     ny, nx = psf.shape
@@ -203,8 +195,10 @@ def zogy(
     psf_new = psf_new / psf_new.sum()
     psf_ref = psf_ref / psf_ref.sum()
     fn, fr = float(flux_new), float(flux_ref)
-    pn = fft.rfft2_placed(*_placement(psf_new, shape))
-    pr = fft.rfft2_placed(*_placement(psf_ref, shape))
+    psf_new_w, hy_n, hx_n = _wrapped_psf(psf_new, shape)
+    psf_ref_w, hy_r, hx_r = _wrapped_psf(psf_ref, shape)
+    pn = fft.rfft2_placed(psf_new_w, shape, hy_n, hx_n)
+    pr = fft.rfft2_placed(psf_ref_w, shape, hy_r, hx_r)
     n_hat = fft.rfft2(new)
     r_hat = fft.rfft2(ref)
     pn2 = fft.abs2(pn)
