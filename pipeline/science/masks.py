@@ -157,16 +157,26 @@ def saturation_masks(
         widths[index] = box[1].stop - box[1].start
         column[index] = widths[index] == 1 and box[0].stop - box[0].start >= min_column_length
     columns = column[labels]
-    stars = hit & ~columns
-    if not stars.any():
+    if not (hit & ~columns).any():
         empty = np.zeros(data.shape, dtype=bool)
         return empty, grow(columns, radius + wing_scale)
-    distance, (iy, ix) = ndimage.distance_transform_edt(~stars, return_indices=True)
-    width = widths[labels[iy, ix]]
-    wings = distance <= radius + wing_scale * width
+    # each star's zone within its own box: a distance transform of the whole image (and
+    # its nearest-pixel indices) would cost some fifteen image-sized arrays
+    mask = np.zeros(data.shape, dtype=bool)
+    wings = np.zeros(data.shape, dtype=bool)
+    ny, nx = data.shape
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is None or column[index]:
+            continue
+        reach = int(np.ceil(radius + max(scale, wing_scale) * widths[index])) + 1
+        y0, y1 = max(box[0].start - reach, 0), min(box[0].stop + reach, ny)
+        x0, x1 = max(box[1].start - reach, 0), min(box[1].stop + reach, nx)
+        distance = ndimage.distance_transform_edt(labels[y0:y1, x0:x1] != index)
+        mask[y0:y1, x0:x1] |= distance <= radius + scale * widths[index]
+        wings[y0:y1, x0:x1] |= distance <= radius + wing_scale * widths[index]
     if columns.any():  # repaired, but no place for a registration centroid
         wings |= grow(columns, radius + wing_scale)
-    return distance <= radius + scale * width, wings
+    return mask, wings
 
 
 def bad_column_mask(
@@ -203,14 +213,27 @@ def bad_column_mask(
     2D ndarray of bool
     """
     image = np.nan_to_num(np.asarray(data, dtype=np.float32))
-    neighbours = 0.5 * (np.roll(image, 1, axis=1) + np.roll(image, -1, axis=1))
-    deviation = (image - neighbours) / (np.asarray(rms, dtype=np.float32) * np.sqrt(1.5))
-    # a lone column deviates one way and pulls both neighbours' deviations the other way;
-    # the smooth wings of a bright star push neighbouring columns the same way
-    left, right = np.roll(deviation, 1, axis=1), np.roll(deviation, -1, axis=1)
-    hit = np.zeros(image.shape, dtype=bool)
+    # deviation from the mean of the left and right neighbours (wrapping at the edges),
+    # in units of its noise; built in place, as every temporary is a whole image
+    deviation = np.empty_like(image)
+    np.add(image[:, :-2], image[:, 2:], out=deviation[:, 1:-1])
+    deviation[:, 0] = image[:, -1] + image[:, 1]
+    deviation[:, -1] = image[:, -2] + image[:, 0]
+    deviation *= -0.5
+    deviation += image
+    deviation /= np.asarray(rms, dtype=np.float32)
+    deviation /= np.float32(np.sqrt(1.5))
+    del image
+    hit = np.zeros(deviation.shape, dtype=bool)
     for sign in (1.0, -1.0):
-        lone = (sign * deviation > nsigma) & (sign * left < 0) & (sign * right < 0)
+        # a lone column deviates one way and pulls both neighbours' deviations the other
+        # way; the smooth wings of a bright star push neighbouring columns the same way
+        lone = deviation > nsigma if sign > 0 else deviation < -nsigma
+        opposite = np.less if sign > 0 else np.greater
+        lone[:, 1:] &= opposite(deviation[:, :-1], 0)
+        lone[:, 0] &= opposite(deviation[:, -1], 0)
+        lone[:, :-1] &= opposite(deviation[:, 1:], 0)
+        lone[:, -1] &= opposite(deviation[:, 0], 0)
         # only columns with enough lone pixels in all can hold a qualifying stretch
         columns = np.flatnonzero(lone.sum(axis=0) >= fraction * min_length)
         if len(columns) == 0:
@@ -271,25 +294,42 @@ def cosmic_ray_mask(
     image = np.nan_to_num(np.asarray(data, dtype=np.float32))
     rms_map = np.broadcast_to(np.asarray(rms, dtype=np.float32), image.shape)
     bkg_map = np.broadcast_to(np.asarray(background, dtype=np.float32), image.shape)
-    noise = np.sqrt(rms_map**2 + np.clip(image - bkg_map, 0, None) / gain)
+    # in place where it can be: each temporary is a whole image
+    source = np.subtract(image, bkg_map, dtype=np.float32)
+    np.clip(source, 0, None, out=source)
+    source /= gain
+    noise = np.square(rms_map, dtype=np.float32)
+    noise += source
+    np.sqrt(noise, out=noise)
+    del source
     # the 3×3 median is never above the mean of the 8 neighbours by much, so a pixel
     # that does not beat that mean by nsigma·noise cannot beat the median either
-    mean8 = (ndimage.uniform_filter(image, size=3) * 9 - image) / 8
-    local_max = image >= ndimage.maximum_filter(image, size=3)
-    ys, xs = np.nonzero(local_max & (image - mean8 > 0.5 * nsigma * noise))
+    excess8 = ndimage.uniform_filter(image, size=3)
+    excess8 *= -9.0 / 8.0
+    excess8 += image * (9.0 / 8.0)  # image minus the mean of its 8 neighbours
+    candidate = excess8 > 0.5 * nsigma * noise
+    del excess8
+    candidate &= image >= ndimage.maximum_filter(image, size=3)
+    ys, xs = np.nonzero(candidate)
+    del candidate
     hits = np.zeros(image.shape, dtype=bool)
     if len(ys) == 0:
         return hits
     med3 = np.median(_gather(image, ys, xs, 1), axis=1)
-    excess = (image[ys, xs] - med3) / noise[ys, xs]
+    above = (image[ys, xs] - med3) / noise[ys, xs] > nsigma
+    ys, xs, med3 = ys[above], xs[above], med3[above]
     # fine structure (L.A.Cosmic's F): the 3×3 median here minus the 7×7 median of the
-    # 3×3-median image around it; computed from the 9×9 window of each candidate
-    window = _gather(image, ys, xs, 4).reshape(-1, 9, 9)
-    blocks = np.lib.stride_tricks.sliding_window_view(window, (3, 3), axis=(1, 2))
-    med3_around = np.median(blocks.reshape(len(ys), 49, 9), axis=2)
-    fine = np.clip(med3 - np.median(med3_around, axis=1), 0, None)
-    sharp = (image[ys, xs] - med3) > contrast * np.maximum(fine, 0.5 * noise[ys, xs])
-    keep = (excess > nsigma) & sharp
+    # 3×3-median image around it; computed from the 9×9 window of each candidate, in
+    # chunks (each candidate's 49 blocks of 9 pixels are copied for the median)
+    fine = np.empty(len(ys), dtype=np.float32)
+    for start in range(0, len(ys), 4096):
+        part = slice(start, start + 4096)
+        window = _gather(image, ys[part], xs[part], 4).reshape(-1, 9, 9)
+        blocks = np.lib.stride_tricks.sliding_window_view(window, (3, 3), axis=(1, 2))
+        med3_around = np.median(blocks.reshape(len(window), 49, 9), axis=2)
+        fine[part] = med3[part] - np.median(med3_around, axis=1)
+    np.clip(fine, 0, None, out=fine)
+    keep = (image[ys, xs] - med3) > contrast * np.maximum(fine, 0.5 * noise[ys, xs])
     hits[ys[keep], xs[keep]] = True
     if not hits.any():
         return hits

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
@@ -302,22 +301,10 @@ def preprocess_pair(
     backgrounds = {}
     subtracted = {}
     rms_maps = {}
-    # the two images are independent until registration: one thread each (the array
-    # work releases the GIL, so two cores take about half the time)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        cleaned = dict(
-            zip(
-                ("science", "reference"),
-                pool.map(
-                    lambda image: _clean(image, background_box, cosmic_rays),
-                    (science, reference),
-                ),
-                strict=True,
-            )
-        )
-    for role, (bits, data, bkg, wing) in cleaned.items():
+    for role, image in (("science", science), ("reference", reference)):
+        bits, data, bkg, wings[role] = _clean(image, background_box, cosmic_rays)
         raw_bits[role], subtracted[role], rms_maps[role] = bits, data, bkg.rms
-        backgrounds[role], wings[role] = bkg.global_level, wing
+        backgrounds[role] = bkg.global_level
     lap("masks_background")
 
     ref_sources = find_sources(

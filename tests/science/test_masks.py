@@ -143,3 +143,34 @@ def test_a_hot_column_is_no_saturated_star() -> None:
     assert wings[100, 60 - 4 : 60 + 5].all() and not wings[100, 60 + 5]
     # the stars keep their growth
     assert mask[52, 120 + 3] and mask[140, 150 + 4]
+
+
+def test_masks_allocate_a_few_images_at_most() -> None:
+    # each whole-image temporary costs as much as the image: at 2048² the masks of the
+    # two images once held some thirty of them between them (tracemalloc sees numpy's)
+    import tracemalloc
+
+    from pipeline.science.background import estimate_background
+    from pipeline.science.masks import saturation_masks
+    from pipeline.science.simulate import simulate_pair
+
+    image = simulate_pair((512, 512), seed=11).science
+    data = image.data.astype(np.float32)
+    first = estimate_background(data, ~np.isfinite(data), box=64)
+    residual = (data - first.level).astype(np.float32)
+    calls = {
+        "saturation": (lambda: saturation_masks(data, image.saturation), 4.0),
+        "bad columns": (lambda: bad_column_mask(residual, first.rms), 4.0),
+        "cosmic rays": (
+            lambda: cosmic_ray_mask(data, first.level, first.rms, gain=image.gain),
+            6.0,
+        ),
+    }
+    for name, (call, limit) in calls.items():
+        tracemalloc.start()
+        try:
+            call()
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak / data.nbytes < limit, name
