@@ -303,7 +303,12 @@ def test_worker_killed_mid_flow_run_crashes_and_a_retry_completes(
     killed = _kill_tree(stack.worker.pid)
     killed_at = time.monotonic()
     stack.worker.wait(timeout=10)
-    assert not any(pid in processes() for pid in killed)
+    # SIGKILL is immediate, but a process tearing down a large address space (a kernel
+    # holding images) can take a moment to leave the process table on a loaded machine
+    gone_by = time.monotonic() + 30
+    while any(pid in processes() for pid in killed):
+        assert time.monotonic() < gone_by, sorted(set(killed) & set(processes()))
+        time.sleep(0.1)
 
     crashed = wait_for(stack.api, flow_id, _FINAL, CRASH_DEADLINE)[-1]
     to_crashed = time.monotonic() - killed_at
@@ -335,6 +340,8 @@ def test_prefect_server_restart_mid_batch_every_run_completes(
 ):
     from pipeline.workflow.prefect_server import is_healthy
 
+    if stack.worker.poll() is not None:  # the killed-worker test stopped before restarting one
+        stack.start_worker("worker-restart")
     bodies = [_pair(tmp_path / f"pair-{n}", seed=101 + n) for n in range(4)]
     ids = [_start(stack, body) for body in bodies]
     deadline = time.monotonic() + 240
