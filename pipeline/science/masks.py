@@ -304,9 +304,10 @@ def cosmic_ray_mask(
     del source
     # the 3×3 median is never above the mean of the 8 neighbours by much, so a pixel
     # that does not beat that mean by nsigma·noise cannot beat the median either
+    # image minus the mean of its 8 neighbours = 9/8 (image minus the 3×3 mean)
     excess8 = ndimage.uniform_filter(image, size=3)
-    excess8 *= -9.0 / 8.0
-    excess8 += image * (9.0 / 8.0)  # image minus the mean of its 8 neighbours
+    np.subtract(image, excess8, out=excess8)
+    excess8 *= 9.0 / 8.0
     candidate = excess8 > 0.5 * nsigma * noise
     del excess8
     candidate &= image >= ndimage.maximum_filter(image, size=3)

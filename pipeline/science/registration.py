@@ -255,7 +255,11 @@ def _weighted_refit(
     weight = 1.0 / (inv_snr2 + 2.0 / floor_snr**2)
     centre = predicted.mean(axis=0)
     span = np.maximum(np.ptp(predicted, axis=0), 1.0)
-    design = np.column_stack([np.ones(len(predicted)), (predicted - centre) / span])
+
+    def affine_terms(points: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.ones(len(points)), (points - centre) / span])
+
+    design = affine_terms(predicted)
     keep = np.ones(len(predicted), dtype=bool)
     for _ in range(10):
         if keep.sum() < 6:
@@ -276,7 +280,7 @@ def _weighted_refit(
     )
     grid = np.column_stack([gx.ravel(), gy.ravel()])
     at = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*grid.T)))
-    target = at - np.column_stack([np.ones(len(at)), (at - centre) / span]) @ coef
+    target = at - affine_terms(at) @ coef
     return _fit_tan(grid, reference_wcs, target, wcs)
 
 
