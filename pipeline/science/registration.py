@@ -38,10 +38,12 @@ class Registration:
     offset : tuple of float
         Median (dx, dy) in reference pixels of the header WCS before refinement.
     rms : tuple of float
-        Residual rms (x, y) in reference pixels of the bright matched sources after
-        refinement: the astrometric noise σ_x, σ_y given to ZOGY. It holds the sources'
-        centroid noise besides the mapping's error (several times smaller on simulated
-        pairs), a conservative σ that also covers the bright stars' PSF-wing residuals.
+        Robust rms (x, y) in reference pixels of the bright matched sources'
+        leave-one-out residuals after refinement (a source that pins the fit tells
+        nothing of the error there): the astrometric noise σ_x, σ_y given to ZOGY.
+        It holds the sources' centroid noise besides the mapping's error (several
+        times smaller on simulated pairs), a conservative σ that also covers the
+        bright stars' PSF-wing residuals.
     refined : bool
         Whether the WCS was refitted.
     shift : tuple of float or None
@@ -150,7 +152,7 @@ def refine_wcs(
         if len(ia) < min_matches:
             raise ScienceError(f"only {len(ia)} stars matched after refining the WCS")
         wcs = _fit_tan(sci_xy[ia], reference_wcs, ref_xy[ib], science_wcs)
-    wcs = _weighted_refit(
+    wcs, leverage = _weighted_refit(
         wcs,
         sci_xy[ia],
         ref_xy[ib],
@@ -159,7 +161,9 @@ def refine_wcs(
         reference_wcs,
     )
     predicted = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*sci_xy[ia].T)))
-    residual = predicted - ref_xy[ib]
+    # leave-one-out residuals: a match that pins the fit shows its own residual as ~0,
+    # which says nothing about the mapping's error there
+    residual = (predicted - ref_xy[ib]) / np.clip(1.0 - leverage, 0.05, None)[:, None]
     bright = (np.asarray(sci["snr"])[ia] > 50) & (np.asarray(ref["snr"])[ib] > 50)
     use = residual[bright] if bright.sum() >= 5 else residual
     rms = 1.4826 * np.median(np.abs(use - np.median(use, axis=0)), axis=0)
@@ -234,7 +238,7 @@ def _weighted_refit(
     *,
     clip: float = 3.0,
     floor_snr: float = 500.0,
-) -> WCS:
+) -> tuple[WCS, np.ndarray]:
     """Correct a TAN fit for what an equal-weight fit gets wrong: noise and outliers.
 
     The TAN fit weighs a matched source at S/N 10 (centroid error ~0.1 px) like one at
@@ -245,9 +249,17 @@ def _weighted_refit(
     robust σ until none is; the corrected mapping is then turned back into a TAN WCS
     through a grid of exact points spanning the matches. Fewer than 6 matches (or
     kept matches) leave the WCS as it is.
+
+    Returns
+    -------
+    wcs : WCS
+    leverage : ndarray
+        Each match's leverage h on the correction (0 for rejected ones): its residual
+        divided by 1 - h is its leave-one-out residual.
     """
+    none = np.zeros(len(sci_xy))
     if len(sci_xy) < 6:
-        return wcs
+        return wcs, none
     predicted = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*sci_xy.T)))
     residual = predicted - ref_xy
     # a centroid's error goes as 1/S/N; both images' add up
@@ -263,9 +275,10 @@ def _weighted_refit(
     keep = np.ones(len(predicted), dtype=bool)
     for _ in range(10):
         if keep.sum() < 6:
-            return wcs
-        w = np.sqrt(weight[keep])[:, None]
-        coef, *_ = np.linalg.lstsq(design[keep] * w, residual[keep] * w, rcond=None)
+            return wcs, none
+        used = keep
+        w = np.sqrt(weight[used])[:, None]
+        coef, *_ = np.linalg.lstsq(design[used] * w, residual[used] * w, rcond=None)
         normalised = (residual - design @ coef) * np.sqrt(weight)[:, None]
         scale = 1.4826 * np.median(np.abs(normalised[keep]), axis=0)
         worst = np.abs(normalised) / np.maximum(scale, 1e-12)
@@ -281,7 +294,10 @@ def _weighted_refit(
     grid = np.column_stack([gx.ravel(), gy.ravel()])
     at = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*grid.T)))
     target = at - affine_terms(at) @ coef
-    return _fit_tan(grid, reference_wcs, target, wcs)
+    inverse = np.linalg.pinv((design[used] * w).T @ (design[used] * w))
+    leverage = none.copy()
+    leverage[used] = weight[used] * np.einsum("nk,kl,nl->n", design[used], inverse, design[used])
+    return _fit_tan(grid, reference_wcs, target, wcs), leverage
 
 
 def _fit_tan(sci_xy: np.ndarray, reference_wcs: WCS, ref_xy: np.ndarray, start: WCS) -> WCS:
