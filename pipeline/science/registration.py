@@ -257,9 +257,9 @@ def _weighted_refit(
         Each match's leverage h on the correction (0 for rejected ones): its residual
         divided by 1 - h is its leave-one-out residual.
     """
-    none = np.zeros(len(sci_xy))
+    no_leverage = np.zeros(len(sci_xy))
     if len(sci_xy) < 6:
-        return wcs, none
+        return wcs, no_leverage
     predicted = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*sci_xy.T)))
     residual = predicted - ref_xy
     # a centroid's error goes as 1/S/N; both images' add up
@@ -275,10 +275,11 @@ def _weighted_refit(
     keep = np.ones(len(predicted), dtype=bool)
     for _ in range(10):
         if keep.sum() < 6:
-            return wcs, none
-        used = keep
+            return wcs, no_leverage
+        used = keep  # the matches this fit used (keep is rebound below)
         w = np.sqrt(weight[used])[:, None]
-        coef, *_ = np.linalg.lstsq(design[used] * w, residual[used] * w, rcond=None)
+        weighted = design[used] * w
+        coef, *_ = np.linalg.lstsq(weighted, residual[used] * w, rcond=None)
         normalised = (residual - design @ coef) * np.sqrt(weight)[:, None]
         scale = 1.4826 * np.median(np.abs(normalised[keep]), axis=0)
         worst = np.abs(normalised) / np.maximum(scale, 1e-12)
@@ -294,9 +295,10 @@ def _weighted_refit(
     grid = np.column_stack([gx.ravel(), gy.ravel()])
     at = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*grid.T)))
     target = at - affine_terms(at) @ coef
-    inverse = np.linalg.pinv((design[used] * w).T @ (design[used] * w))
-    leverage = none.copy()
-    leverage[used] = weight[used] * np.einsum("nk,kl,nl->n", design[used], inverse, design[used])
+    # the hat matrix's diagonal of the weighted fit
+    leverage = no_leverage
+    inverse = np.linalg.pinv(weighted.T @ weighted)
+    leverage[used] = np.einsum("nk,kl,nl->n", weighted, inverse, weighted)
     return _fit_tan(grid, reference_wcs, target, wcs), leverage
 
 

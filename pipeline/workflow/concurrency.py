@@ -39,24 +39,22 @@ LEASE_SECONDS = 60.0
 _holding: contextvars.ContextVar[bool] = contextvars.ContextVar("astr_holding_slot", default=False)
 
 
-def ensure_limit(limit: int, name: str = OBSERVATION_LIMIT, *, attempts: int = 3) -> None:
+def ensure_limit(limit: int, name: str = OBSERVATION_LIMIT) -> None:
     """Create the global concurrency limit, or set it to ``limit`` (``max_concurrent_flows``).
 
     Prefect's upsert reads the limit by name and creates it when missing, which is not
     atomic: flows starting together race to create it and the losers get a conflict.
-    A conflict means the limit now exists, so the upsert is repeated (it then updates).
+    A conflict means the limit now exists, so the upsert is repeated once (it then
+    updates).
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:
-        for attempt in range(attempts):
-            try:
-                client.upsert_global_concurrency_limit_by_name(name, limit)
-                return
-            except ObjectAlreadyExists:
-                if attempt == attempts - 1:
-                    raise
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+        except ObjectAlreadyExists:
+            client.upsert_global_concurrency_limit_by_name(name, limit)
 
 
 def holding_slot() -> bool:
