@@ -1,7 +1,9 @@
 """Result cache of notebook runs.
 
-A step whose notebook bytes, parameters (all but ``output_dir``) and input checksums
-match an earlier successful run is not run again: the stored outputs are returned.
+A step whose notebook bytes, parameters (all but ``output_dir``), input checksums and
+code match an earlier successful run is not run again: the stored outputs are returned.
+The code is this package's source and the versions of the libraries the notebooks
+compute with, so an upgrade never serves results the new code would not produce.
 An entry is used only while every file it lists is still there with its recorded
 checksum; otherwise the step runs again.
 """
@@ -9,26 +11,63 @@ checksum; otherwise the step runs again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pipeline.store.storage import sha256_file
 
-__all__ = ["RunCache", "cache_key", "directory_checksums"]
+__all__ = ["RunCache", "cache_key", "code_digest", "directory_checksums", "source_digest"]
 
 #: Parameters that say where to write, not what to compute.
 UNCACHED_PARAMETERS = frozenset({"output_dir"})
+
+#: Libraries whose results the notebooks' numbers depend on.
+COMPUTING_LIBRARIES = ("numpy", "scipy", "astropy", "reproject", "sep", "photutils", "torch")
+
+
+def source_digest(root: Path, versions: Mapping[str, str]) -> str:
+    """sha256 of every ``.py`` file under ``root`` (by relative path) and of ``versions``."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(root).rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    digest.update(json.dumps(dict(sorted(versions.items()))).encode())
+    return digest.hexdigest()
+
+
+def _versions(names: Sequence[str]) -> dict[str, str]:
+    found = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "absent"
+    return found
+
+
+@functools.cache
+def code_digest() -> str:
+    """Digest of the installed pipeline's source and its computing libraries' versions.
+
+    Computed once per process: the code a process runs does not change under it.
+    """
+    import pipeline
+
+    return source_digest(Path(pipeline.__file__).parent, _versions(COMPUTING_LIBRARIES))
 
 
 def cache_key(
     notebook_bytes: bytes,
     parameters: Mapping[str, Any],
     input_checksums: Mapping[str, str],
+    code: str | None = None,
 ) -> str:
     """Hash of what determines a notebook's result.
 
@@ -40,6 +79,8 @@ def cache_key(
         Injected parameters; ``output_dir`` is left out.
     input_checksums : mapping
         sha256 of each input file by name.
+    code : str, optional
+        Digest of the code the notebook imports; default :func:`code_digest`.
 
     Returns
     -------
@@ -51,6 +92,7 @@ def cache_key(
     kept = {k: v for k, v in parameters.items() if k not in UNCACHED_PARAMETERS}
     digest.update(json.dumps(kept, sort_keys=True, default=str).encode())
     digest.update(json.dumps(dict(sorted(input_checksums.items()))).encode())
+    digest.update((code if code is not None else code_digest()).encode())
     return digest.hexdigest()
 
 

@@ -23,7 +23,7 @@ from pipeline.errors import (
     NotebookTimeoutError,
 )
 from pipeline.runner import KernelPool, NotebookRunner, backoff_delay, start_kernel
-from pipeline.runner.cache import cache_key
+from pipeline.runner.cache import cache_key, source_digest
 from pipeline.runner.kernels import busy_kernel_pids
 
 
@@ -103,6 +103,28 @@ def test_cache_key_ignores_output_dir_only():
     assert base != cache_key(b"nb2", {"x": 1}, {"i": "0" * 64})
     assert base != cache_key(b"nb", {"x": 2}, {"i": "0" * 64})
     assert base != cache_key(b"nb", {"x": 1}, {"i": "1" * 64})
+
+
+def test_cache_key_changes_with_the_code(tmp_path):
+    """An upgraded pipeline or library must not be served results of the old code."""
+    package = tmp_path / "pkg"
+    (package / "science").mkdir(parents=True)
+    module = package / "science" / "zogy.py"
+    module.write_text("THRESHOLD = 5\n")
+    (package / "notes.txt").write_text("not code")
+    versions = {"numpy": "2.4.6"}
+    old = source_digest(package, versions)
+    (package / "notes.txt").write_text("changed, still not code")
+    assert source_digest(package, versions) == old
+    module.write_text("THRESHOLD = 4\n")
+    edited = source_digest(package, versions)
+    assert edited != old
+    assert source_digest(package, {"numpy": "2.5.0"}) != edited
+    module.rename(package / "science" / "zogy2.py")  # same bytes, another module
+    assert source_digest(package, versions) != edited
+    args = (b"nb", {"x": 1}, {"i": "0" * 64})
+    assert cache_key(*args, code=old) != cache_key(*args, code=edited)
+    assert cache_key(*args) == cache_key(*args)  # the installed code, stable in a process
 
 
 def test_cell_error_fails_at_once_with_source_and_traceback(runner, make_notebook):
