@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     psf_new, psf_ref = gaussian(31, 4.2), gaussian(31, 3.0)
     gpu = torch_available()
     print(f"GPU available: {gpu}")
-    print("size   fft_pair_ms  numpy_ms  numpy/fft  torch_ms  torch/fft  numpy/torch  max|dS_corr|")
+    print(
+        "size   fft_pair_ms  numpy_ms  numpy/fft  torch_ms  torch/fft  numpy/torch  "
+        "max|dS_corr|  max|dD|/|D|"
+    )
     for n in args.sizes:
         row = run_size(n, rng, psf_new, psf_ref, args.repeats, gpu)
         print(row)
@@ -107,12 +110,17 @@ def run_pair(n: int, gpu: bool) -> str:
         (a, fa), (b, fb) = results["numpy"], results["torch"]
         valid = ~(a.invalid | b.invalid)
         delta = float(np.max(np.abs(a.S_corr[valid] - b.S_corr[valid])))
+        d_scale = float(np.max(np.abs(a.D[valid])))
+        d_delta = float(np.max(np.abs(a.D[valid] - b.D[valid]))) / d_scale
         shared = 0
         if len(fa) and len(fb):
             tree = cKDTree(np.column_stack([fb["x"], fb["y"]]))
             dist, _ = tree.query(np.column_stack([fa["x"], fa["y"]]))
             shared = int(np.sum(dist < 1.0))
-        lines.append(f"  max|dS_corr| {delta:.2e}; candidates found by both: {shared}")
+        lines.append(
+            f"  max|dS_corr| {delta:.2e}, max|dD|/max|D| {d_delta:.2e}; "
+            f"candidates found by both: {shared}"
+        )
     return "\n".join(lines)
 
 
@@ -144,10 +152,11 @@ def run_size(n, rng, psf_new, psf_ref, repeats: int, gpu: bool) -> str:
             return result
 
         gpu_time = timed(on_gpu, repeats)
-        a = zogy(new, ref, psf_new, psf_ref, backend="numpy", **kwargs).S_corr
-        b = on_gpu().S_corr
+        a = zogy(new, ref, psf_new, psf_ref, backend="numpy", **kwargs)
+        b = on_gpu()
         row += f" {gpu_time * 1e3:9.1f} {gpu_time / fft:10.2f} {cpu / gpu_time:12.1f}"
-        row += f" {float(np.max(np.abs(a - b))):13.2e}"
+        row += f" {float(np.max(np.abs(a.S_corr - b.S_corr))):13.2e}"
+        row += f" {float(np.max(np.abs(a.D - b.D)) / np.max(np.abs(a.D))):13.2e}"
     return row
 
 

@@ -18,7 +18,12 @@ Fourier transforms are real (``rfft2``) in float32/complex64 with all cores, or
 
 from __future__ import annotations
 
+import functools
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -190,7 +195,7 @@ def zogy(
     shape = new.shape
     var_new = sigma_new**2 if var_new is None else var_new
     var_ref = sigma_ref**2 if var_ref is None else var_ref
-    fft = _TorchFFT() if backend == "torch" else _NumpyFFT(fft_workers)
+    fft = _transforms(backend, fft_workers)
 
     psf_new = psf_new / psf_new.sum()
     psf_ref = psf_ref / psf_ref.sum()
@@ -201,52 +206,24 @@ def zogy(
     pr = fft.rfft2_placed(psf_ref_w, shape, hy_r, hx_r)
     n_hat = fft.rfft2(new)
     r_hat = fft.rfft2(ref)
-    pn2 = fft.abs2(pn)
-    pr2 = fft.abs2(pr)
-    inv_den2 = 1.0 / (sigma_new**2 * fr**2 * pr2 + sigma_ref**2 * fn**2 * pn2 + _TINY)
-    # real weights of the two matched filters: κ̂_n = conj(P̂_n)·w_n, κ̂_r = conj(P̂_r)·w_r
-    w_n = pr2 * inv_den2
-    w_n *= fn * fr**2
-    w_r = pn2 * inv_den2
-    w_r *= fr * fn**2
-    # in-place products: at 2048² every temporary costs as much as a small FFT
-    spectrum = fft.conj(pn)
-    spectrum *= n_hat
-    spectrum *= w_n
-    s_new = fft.irfft2(spectrum, shape)
-    spectrum = fft.conj(pr)
-    spectrum *= r_hat
-    spectrum *= w_r
-    s_ref = fft.irfft2(spectrum, shape)
-    score = s_new - s_ref
-    spectrum = pr * n_hat
-    spectrum *= fr
-    other = pn * r_hat
-    other *= fn
-    spectrum -= other
-    spectrum *= fft.sqrt(inv_den2)
-    d = fft.irfft2(spectrum, shape)
-    f_s = fft.full_sum(pn2 * w_n * fn, shape[1]) / (shape[0] * shape[1])
+    spec_n, spec_r, spec_d, fs_columns = fft.spectra(
+        pn, pr, n_hat, r_hat, sigma_new**2 * fr**2, sigma_ref**2 * fn**2, fn, fr
+    )
+    del n_hat, r_hat, pn, pr
+    s_new = fft.irfft2(spec_n, shape)
+    del spec_n
+    s_ref = fft.irfft2(spec_r, shape)
+    del spec_r
+    d = fft.irfft2(spec_d, shape)
+    del spec_d
+    f_s = _full_sum(fs_columns, shape[1]) / (shape[0] * shape[1])
     f_d = fn * fr / np.sqrt(sigma_new**2 * fr**2 + sigma_ref**2 * fn**2)
 
     # the kernels and P_D are compact: compute them on a small grid, on the CPU
     small = _Kernels(psf_new, psf_ref, shape, sigma_new, sigma_ref, fn, fr, f_d)
-    variance = _convolved_variance(fft, small, var_new, var_ref, shape)
-    variance = variance + _astrometric_variance(fft, s_new, astrometric_sigma)
-    if flux_error_fraction > 0:
-        variance = variance + flux_error_fraction**2 * (s_new * s_new + s_ref * s_ref)
-    variance = fft.clamp_min(variance, _TINY)
-    sigma_s = fft.sqrt(variance)
-    maps = {
-        "D": d,
-        "S": score,
-        "S_corr": score / sigma_s,
-        "V_S": variance,
-        "alpha": score / float(f_s),
-        "alpha_err": sigma_s / float(f_s),
-        "S_N": s_new,
-        "S_R": s_ref,
-    }
+    convolved = _convolved_variance(fft, small, var_new, var_ref, shape)
+    maps = fft.scores(s_new, s_ref, convolved, astrometric_sigma, flux_error_fraction, f_s)
+    maps.update(D=d, S_N=s_new, S_R=s_ref)
     p_d = _centred_stamp(small.p_d, psf_new.shape)
     return ZogyResult(
         **{k: fft.to_numpy(v).astype(np.float32, copy=False) for k, v in maps.items()},
@@ -280,6 +257,94 @@ class _Kernels:
         self.kn = scipy.fft.irfft2(fn * fr**2 * np.conj(pn) * pr2 / den2, s=grid)
         self.kr = scipy.fft.irfft2(fr * fn**2 * np.conj(pr) * pn2 / den2, s=grid)
         self.p_d = scipy.fft.irfft2(fr * fn * pr * pn / (f_d * np.sqrt(den2)), s=grid)
+
+
+def _spectra(
+    pn: Any, pr: Any, n_hat: Any, r_hat: Any, a_n: float, a_r: float, fn: float, fr: float,
+    conj: Callable, sqrt: Callable,
+) -> tuple[Any, Any, Any, Any]:  # fmt: skip
+    """The spectra of S_N, S_R and D, and the integrand of F_S, on any rows of the half-plane.
+
+    ``a_n`` = σ_n² F_r² and ``a_r`` = σ_r² F_n² (the two terms of the denominator); ``conj``
+    must return a new array (never a view that writes through to its input). Works on
+    NumPy and torch arrays alike, on the whole half-plane or on a block of its rows.
+    """
+    pn2 = pn.real * pn.real + pn.imag * pn.imag
+    pr2 = pr.real * pr.real + pr.imag * pr.imag
+    inv_den2 = 1.0 / (a_n * pr2 + a_r * pn2 + _TINY)
+    # real weights of the two matched filters: κ̂_n = conj(P̂_n)·w_n, κ̂_r = conj(P̂_r)·w_r
+    w_n = pr2 * inv_den2
+    w_n *= fn * fr**2
+    w_r = pn2 * inv_den2
+    w_r *= fr * fn**2
+    spec_n = conj(pn)
+    spec_n *= n_hat
+    spec_n *= w_n
+    spec_r = conj(pr)
+    spec_r *= r_hat
+    spec_r *= w_r
+    spec_d = pr * n_hat
+    spec_d *= fr
+    other = pn * r_hat
+    other *= fn
+    spec_d -= other
+    spec_d *= sqrt(inv_den2)
+    w_n *= pn2  # F_S's integrand |P̂_n|² w_n F_n, in w_n's memory
+    w_n *= fn
+    return spec_n, spec_r, spec_d, w_n
+
+
+def _scores(
+    s_new: Any,
+    s_ref: Any,
+    convolved: Any,
+    gradient: tuple[Any, Any] | None,
+    sigma: tuple[float, float],
+    flux_error_fraction: float,
+    f_s: float,
+    clamp_min: Callable,
+    sqrt: Callable,
+) -> dict[str, Any]:
+    """S, V_S, S_corr, α and its error from S_N, S_R and their convolved variance.
+
+    V_S adds the astrometric term σ_x² (∂S_N/∂x)² + σ_y² (∂S_N/∂y)² (paper eq. 30-31)
+    when ``gradient`` (∂S_N/∂y, ∂S_N/∂x) is given, and the flux-error floor.
+    """
+    variance = convolved
+    if gradient is not None:
+        gy, gx = gradient
+        sx, sy = sigma
+        variance = variance + (sx**2 * gx * gx + sy**2 * gy * gy)
+    if flux_error_fraction > 0:
+        variance = variance + flux_error_fraction**2 * (s_new * s_new + s_ref * s_ref)
+    variance = clamp_min(variance, _TINY)
+    sigma_s = sqrt(variance)
+    score = s_new - s_ref
+    return {
+        "S": score,
+        "S_corr": score / sigma_s,
+        "V_S": variance,
+        "alpha": score / float(f_s),
+        "alpha_err": sigma_s / float(f_s),
+    }
+
+
+def _full_sum(columns: np.ndarray, nx: int) -> float:
+    """Sum over the full spectrum of a Hermitian array from its rfft half's column sums."""
+    weights = np.full(columns.shape[0], 2.0)
+    weights[0] = 1.0
+    if nx % 2 == 0:
+        weights[-1] = 1.0  # the Nyquist column appears once
+    return float((np.asarray(columns, dtype=np.float64) * weights).sum())
+
+
+def _row_blocks(n: int, rows: int) -> list[slice]:
+    return [slice(start, min(start + rows, n)) for start in range(0, n, rows)]
+
+
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="zogy")
 
 
 def _check_inputs(
@@ -331,15 +396,9 @@ def _convolved_variance(
     return fft.irfft2(spectrum, shape) + float(constant)
 
 
-def _astrometric_variance(
-    fft: _NumpyFFT, s_new: object, sigma: tuple[float, float]
-) -> object | float:
-    """σ_x² (∂S_N/∂x)² + σ_y² (∂S_N/∂y)² (paper eq. 30-31) for the registered image."""
-    sx, sy = sigma
-    if sx <= 0 and sy <= 0:
-        return 0.0
-    gy, gx = fft.gradient(s_new)
-    return sx**2 * gx * gx + sy**2 * gy * gy
+def _transforms(backend: str, fft_workers: int) -> _NumpyFFT:
+    """The transform backend: torch on the GPU, or scipy.fft with ``fft_workers`` threads."""
+    return _TorchFFT() if backend == "torch" else _NumpyFFT(fft_workers)
 
 
 def _centred_stamp(wrapped: np.ndarray, stamp_shape: tuple[int, int]) -> np.ndarray:
@@ -382,38 +441,74 @@ class _NumpyFFT:
         return scipy.fft.fft(full, axis=0, overwrite_x=True, workers=self.workers)
 
     @staticmethod
-    def abs2(a: np.ndarray) -> np.ndarray:
-        return a.real * a.real + a.imag * a.imag
-
-    @staticmethod
-    def conj(a: np.ndarray) -> np.ndarray:
-        return np.conj(a)
-
-    @staticmethod
-    def sqrt(a: np.ndarray) -> np.ndarray:
-        return np.sqrt(a)
-
-    @staticmethod
     def full(shape: tuple[int, int], value: float) -> np.ndarray:
         return np.full(shape, value, dtype=np.float32)
 
-    @staticmethod
-    def gradient(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        gy, gx = np.gradient(a)
-        return gy, gx
+    def spectra(
+        self, pn: np.ndarray, pr: np.ndarray, n_hat: np.ndarray, r_hat: np.ndarray,
+        a_n: float, a_r: float, fn: float, fr: float,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        """:func:`_spectra` on blocks of rows small enough to stay in the cache.
 
-    @staticmethod
-    def clamp_min(a: np.ndarray, value: float) -> np.ndarray:
-        return np.maximum(a, value)
+        About thirty element-wise passes over the half-plane: on whole 2048² arrays
+        each pass streams through memory, on blocks of rows they run in the cache,
+        and the blocks are shared out between the transform's threads. Returns the
+        three spectra and the column sums of F_S's integrand.
+        """
+        outputs = [np.empty_like(n_hat) for _ in range(3)]
 
-    @staticmethod
-    def full_sum(half: np.ndarray, nx: int) -> float:
-        """Sum over the full spectrum of a Hermitian array given its rfft half (nx columns)."""
-        weights = np.full(half.shape[1], 2.0)
-        weights[0] = 1.0
-        if nx % 2 == 0:
-            weights[-1] = 1.0  # the Nyquist column appears once
-        return float((half.real.sum(axis=0, dtype=np.float64) * weights).sum())
+        def block(rows: slice) -> np.ndarray:
+            *spectra, integrand = _spectra(
+                pn[rows], pr[rows], n_hat[rows], r_hat[rows], a_n, a_r, fn, fr, np.conj, np.sqrt
+            )
+            for out, spectrum in zip(outputs, spectra, strict=True):
+                out[rows] = spectrum
+            return integrand.sum(axis=0, dtype=np.float64)
+
+        columns = self._map(block, _row_blocks(n_hat.shape[0], self._rows(n_hat)))
+        return (*outputs, np.sum(columns, axis=0))
+
+    def scores(
+        self, s_new: np.ndarray, s_ref: np.ndarray, convolved: np.ndarray,
+        sigma: tuple[float, float], flux_error_fraction: float, f_s: float,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """:func:`_scores` on blocks of rows (the gradient takes one row either side)."""
+        ny = s_new.shape[0]
+        astrometric = sigma[0] > 0 or sigma[1] > 0
+        names = ("S", "S_corr", "V_S", "alpha", "alpha_err")
+        outputs = {name: np.empty(s_new.shape, dtype=np.float32) for name in names}
+
+        def block(rows: slice) -> None:
+            gradient = None
+            if astrometric:
+                lo, hi = max(rows.start - 1, 0), min(rows.stop + 1, ny)
+                inner = slice(rows.start - lo, rows.stop - lo)
+                gy, gx = np.gradient(s_new[lo:hi])
+                gradient = (gy[inner], gx[inner])
+            maps = _scores(
+                s_new[rows], s_ref[rows], convolved[rows], gradient, sigma,
+                flux_error_fraction, f_s, np.maximum, np.sqrt,
+            )  # fmt: skip
+            for name in names:
+                outputs[name][rows] = maps[name]
+
+        self._map(block, _row_blocks(ny, self._rows(s_new)))
+        return outputs
+
+    def _rows(self, a: np.ndarray) -> int:
+        """Rows per block: about 64 kB of one array, and at least one block per thread."""
+        per_row = a.shape[1] * a.itemsize
+        rows = max(4, (64 * 1024) // max(per_row, 1))
+        return max(1, min(rows, -(-a.shape[0] // self._threads())))
+
+    def _threads(self) -> int:
+        return (os.cpu_count() or 1) if self.workers == -1 else max(1, self.workers)
+
+    def _map(self, func: Callable, blocks: list[slice]) -> list:
+        threads = min(self._threads(), len(blocks))
+        if threads <= 1:
+            return [func(rows) for rows in blocks]
+        return list(_pool(threads).map(func, blocks))
 
     @staticmethod
     def to_numpy(a: np.ndarray) -> np.ndarray:
@@ -421,15 +516,18 @@ class _NumpyFFT:
 
 
 class _TorchFFT(_NumpyFFT):
-    """The same transforms with torch on the GPU (float32/complex64)."""
+    """The same transforms with torch (float32/complex64), on the GPU.
 
-    def __init__(self) -> None:
+    ``device`` other than CUDA is for tests: it runs this backend's code where no GPU is.
+    """
+
+    def __init__(self, device: str = "cuda") -> None:
         import torch
 
-        if not torch.cuda.is_available():
+        if device == "cuda" and not torch.cuda.is_available():
             raise ScienceError("backend='torch' needs a CUDA GPU; use backend='numpy'")
         self.torch = torch
-        self.device = torch.device("cuda")
+        self.device = torch.device(device)
 
     def _tensor(self, a: object) -> object:
         if isinstance(a, np.ndarray):
@@ -445,27 +543,31 @@ class _TorchFFT(_NumpyFFT):
     def rfft2_placed(self, kernel: np.ndarray, shape: tuple[int, int], hy: int, hx: int) -> object:
         return self.rfft2(_place_wrapped(kernel, shape, hy, hx))
 
-    def abs2(self, a: object) -> object:
-        return a.real * a.real + a.imag * a.imag
-
-    def conj(self, a: object) -> object:
-        return self.torch.conj(a)
-
-    def sqrt(self, a: object) -> object:
-        return self.torch.sqrt(a)
-
     def full(self, shape: tuple[int, int], value: float) -> object:
         return self.torch.full(shape, value, dtype=self.torch.float32, device=self.device)
 
-    def gradient(self, a: object) -> tuple[object, object]:
-        gy, gx = self.torch.gradient(a)
-        return gy, gx
+    def spectra(
+        self, pn: Any, pr: Any, n_hat: Any, r_hat: Any, a_n: float, a_r: float, fn: float,
+        fr: float,
+    ) -> tuple[Any, Any, Any, np.ndarray]:  # fmt: skip
+        # torch.conj is a view: an in-place product on it would write into P̂ itself
+        *spectra, integrand = _spectra(
+            pn, pr, n_hat, r_hat, a_n, a_r, fn, fr, self.torch.conj_physical, self.torch.sqrt
+        )
+        columns = integrand.sum(dim=0, dtype=self.torch.float64).cpu().numpy()
+        return (*spectra, columns)
 
-    def clamp_min(self, a: object, value: float) -> object:
-        return self.torch.clamp(a, min=value)
-
-    def full_sum(self, half: object, nx: int) -> float:
-        return _NumpyFFT.full_sum(half.real.detach().cpu().numpy(), nx)
+    def scores(
+        self, s_new: Any, s_ref: Any, convolved: Any, sigma: tuple[float, float],
+        flux_error_fraction: float, f_s: float,
+    ) -> dict[str, Any]:  # fmt: skip
+        gradient = None
+        if sigma[0] > 0 or sigma[1] > 0:
+            gradient = self.torch.gradient(s_new)
+        return _scores(
+            s_new, s_ref, convolved, gradient, sigma, flux_error_fraction, f_s,
+            lambda a, value: self.torch.clamp(a, min=value), self.torch.sqrt,
+        )  # fmt: skip
 
     def to_numpy(self, a: object) -> np.ndarray:
         if isinstance(a, np.ndarray):
