@@ -18,7 +18,10 @@ It prints, per phase: none lost (distinct flow runs, all COMPLETED, one observat
 flow in the catalogue), the most runs holding a deployment slot at once (PENDING to end,
 from Prefect's state history) and the most RUNNING at once, against the limit,
 throughput (flows/min from the first submission to the last end), p50/p95 queue wait
-(SCHEDULED to RUNNING), and the throughput ratio of the scaling phase to the baseline.
+(SCHEDULED to RUNNING), the machine's CPU use (busy fraction and CPU-seconds per flow,
+everything on the machine counted: server, database, API, workers, kernels), and the
+throughput ratio of the scaling phase to the baseline with the ceiling the CPU allows
+(all cores busy at the baseline's CPU-seconds per flow).
 
 Target: ratio >= 1.6 when the work is CPU-light enough. Each pipeline runs five
 notebooks (kernels, the science stack): on a machine with 2 cores, two workers compete
@@ -115,10 +118,17 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.stop_server()
     ratio = results[1]["throughput"] / results[0]["throughput"]
+    cores = os.cpu_count() or 1
+    ceiling = cores / results[0]["busy_cores"] if results[0]["busy_cores"] else float("nan")
     print(
         f"\nthroughput {results[1]['label']} / 1 worker: {ratio:.2f}x (target >= {TARGET}x "
-        f"when CPU-light; this machine has {os.cpu_count()} cores); total "
+        f"when CPU-light; this machine has {cores} cores); total "
         f"{(time.monotonic() - began) / 60:.1f} min"
+    )
+    print(
+        f"CPU ceiling of that ratio: {ceiling:.2f}x ({cores} cores over the "
+        f"{results[0]['busy_cores']:.2f} cores the baseline kept busy, at "
+        f"{results[0]['cpu_per_flow']:.0f} CPU-s per flow)"
     )
     ok = all(r["lost"] == 0 and r["max_pending"] <= limit for r in results)
     return 0 if ok else 1
@@ -128,6 +138,7 @@ def run_phase(
     stack: Any, pairs: list[Any], limit: int, catalogue_url: str, timeout: float
 ) -> dict[str, Any]:
     """Start one flow per pair through the API, wait for all, read Prefect and the catalogue."""
+    import psutil
     from prefect.client.orchestration import get_client
 
     from pipeline.config import load_config
@@ -135,6 +146,7 @@ def run_phase(
     from pipeline.store import Catalogue
     from pipeline.workflow.concurrency import FINAL_STATES, max_overlap, run_times
 
+    cpu_before = psutil.cpu_times()
     ids = []
     with stack.client() as client:
         for pair in pairs:
@@ -159,6 +171,7 @@ def run_phase(
                 break
             time.sleep(5)
         times = run_times(ids, prefect)
+    busy_seconds, busy_cores = cpu_use(cpu_before, psutil.cpu_times())
     completed = [t for t in times if t.state == "COMPLETED"]
     config = load_config(environ={"ASTR_DATABASE_URL": catalogue_url, "ASTR_HOME": str(stack.home)})
     with Catalogue.from_config(config) as catalogue:
@@ -183,7 +196,22 @@ def run_phase(
         "p50": _quantile(waits, 0.50),
         "p95": _quantile(waits, 0.95),
         "limit": limit,
+        "busy_cores": busy_cores,
+        "cpu_per_flow": busy_seconds / len(completed) if completed else float("nan"),
     }
+
+
+def cpu_use(before: Any, after: Any) -> tuple[float, float]:
+    """CPU-seconds spent on the whole machine between two ``psutil.cpu_times()``, and the
+    average number of cores that were busy."""
+    total = sum(after) - sum(before)
+    idle = (after.idle - before.idle) + (
+        getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0)
+    )
+    busy = total - idle
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    wall = total / (cores or 1)
+    return busy, busy / wall if wall > 0 else float("nan")
 
 
 def _quantile(values: list[float], q: float) -> float:
@@ -212,6 +240,10 @@ def print_phase(result: dict[str, Any], limit: int) -> None:
         f"  throughput {result['throughput']:.2f} flows/min ({result['span'] / 60:.1f} min "
         f"from first submission to last end); queue wait p50 {result['p50']:.1f} s, "
         f"p95 {result['p95']:.1f} s"
+    )
+    print(
+        f"  CPU: {result['busy_cores']:.2f} cores busy on average, "
+        f"{result['cpu_per_flow']:.0f} CPU-s per completed flow (everything on the machine)"
     )
 
 
