@@ -343,7 +343,12 @@ def _row_blocks(n: int, rows: int) -> list[slice]:
 
 
 @functools.cache
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per thread count and process.
+
+    A forked child must not reuse its parent's pool: the pool's threads did not survive
+    the fork, and work sent there would never run.
+    """
     return ThreadPoolExecutor(threads, thread_name_prefix="zogy")
 
 
@@ -508,7 +513,7 @@ class _NumpyFFT:
         threads = min(self._threads(), len(blocks))
         if threads <= 1:
             return [func(rows) for rows in blocks]
-        return list(_pool(threads).map(func, blocks))
+        return list(_pool(threads, os.getpid()).map(func, blocks))
 
     @staticmethod
     def to_numpy(a: np.ndarray) -> np.ndarray:

@@ -200,6 +200,21 @@ def test_blocked_cpu_products_do_not_depend_on_the_threads() -> None:
     np.testing.assert_allclose(expected - floor, plain.V_S, rtol=1e-4, atol=1e-4 * plain.V_S.max())
 
 
+def _zogy_in_child() -> float:
+    rng = np.random.default_rng(10)
+    new = rng.normal(0, 10, (200, 200)).astype(np.float32)
+    return float(zogy(new, 0.5 * new, PN, PR, sigma_new=10, sigma_ref=5, fft_workers=2).S.std())
+
+
+def test_blocked_zogy_runs_in_a_forked_child() -> None:
+    """A child forked after the parent used the row threads still gets its own threads."""
+    import multiprocessing
+
+    expected = _zogy_in_child()  # the parent's thread pool now exists
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        assert pool.apply_async(_zogy_in_child).get(timeout=60) == expected
+
+
 @pytest.mark.parametrize("shape", [(256, 256), (354, 360), (101, 97)])
 def test_compact_kernel_transform_equals_the_full_one(shape) -> None:
     from pipeline.science.zogy import _NumpyFFT, _place_wrapped
