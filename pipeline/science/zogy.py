@@ -439,7 +439,8 @@ class _NumpyFFT:
         return scipy.fft.rfft2(np.asarray(a, dtype=np.float32), workers=self.workers)
 
     def irfft2(self, a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        return scipy.fft.irfft2(a, s=shape, workers=self.workers)
+        """Inverse of :meth:`rfft2`; ``a`` is a temporary and may be overwritten."""
+        return scipy.fft.irfft2(a, s=shape, workers=self.workers, overwrite_x=True)
 
     def rfft2_placed(
         self, kernel: np.ndarray, shape: tuple[int, int], hy: int, hx: int
