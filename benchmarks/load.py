@@ -203,14 +203,14 @@ def run_phase(
 
 def cpu_use(before: Any, after: Any) -> tuple[float, float]:
     """CPU-seconds spent on the whole machine between two ``psutil.cpu_times()``, and the
-    average number of cores that were busy."""
+    average number of cores that were busy (the times cover every core of the machine).
+    """
     total = sum(after) - sum(before)
     idle = (after.idle - before.idle) + (
         getattr(after, "iowait", 0.0) - getattr(before, "iowait", 0.0)
     )
     busy = total - idle
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    wall = total / (cores or 1)
+    wall = total / (os.cpu_count() or 1)
     return busy, busy / wall if wall > 0 else float("nan")
 
 

@@ -110,14 +110,11 @@ def _chunk(seeds: list[int], settings: dict) -> CandidateDataset:
 def simulated(settings: dict, cache: Path, workers: int) -> tuple[CandidateDataset, float, bool]:
     """The cached dataset for ``settings``, built when missing; (data, seconds, cached).
 
-    The key covers the settings and the source of the code that makes the candidates
-    (science and dataset modules), so a changed pipeline never reuses stale data.
+    The key is the settings' hash; they carry :func:`code_digest` of the code that makes
+    the candidates (science and dataset modules), so a changed pipeline never reuses
+    stale data.
     """
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for source in sorted((REPO / "pipeline" / "science").glob("*.py")):
-        digest.update(source.read_bytes())
-    digest.update((REPO / "pipeline" / "ml" / "data.py").read_bytes())
-    key = digest.hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / f"sim-{key}.npz"
     if path.exists():
         return load_dataset(path), 0.0, True

@@ -296,7 +296,7 @@ def _weighted_refit(
     at = np.column_stack(reference_wcs.world_to_pixel(wcs.pixel_to_world(*grid.T)))
     target = at - affine_terms(at) @ coef
     # the hat matrix's diagonal of the weighted fit
-    leverage = no_leverage
+    leverage = np.zeros(len(sci_xy))
     inverse = np.linalg.pinv(weighted.T @ weighted)
     leverage[used] = np.einsum("nk,kl,nl->n", weighted, inverse, weighted)
     return _fit_tan(grid, reference_wcs, target, wcs), leverage

@@ -113,7 +113,7 @@ def _wrapped_psf(psf: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, i
         raise ScienceError(f"PSF stamp must have odd dimensions, got {psf.shape}")
     if ny > shape[0] or nx > shape[1]:
         raise ScienceError(f"PSF stamp {psf.shape} is larger than the image {shape}")
-    wrapped = np.roll(_float32_normal(psf), (-(ny // 2), -(nx // 2)), axis=(0, 1))
+    wrapped = np.roll(np.asarray(psf, dtype=np.float32), (-(ny // 2), -(nx // 2)), axis=(0, 1))
     return wrapped, ny // 2, nx // 2
 
 
@@ -121,11 +121,12 @@ def _float32_normal(a: np.ndarray) -> np.ndarray:
     """A kernel in float32 with its negligible far tails set to zero.
 
     A kernel's far tails (a PSF's outer pixels, and even more their squares in the
-    variance kernels) fall into float32's subnormal range, or near enough that the
-    transforms' products land there, and every operation on a subnormal takes a slow
-    path in the processor: at 2048² the transforms of the variance kernels ran 3x
-    slower. Values under 1e-20 of the kernel's peak (below float32's precision
-    squared) change no float32 sum.
+    variance kernels: 10705 of the 15625 values of κ_n² for a 4.2-pixel PSF) fall into
+    float32's subnormal range, or near enough that the transforms' products land there,
+    and every operation on a subnormal takes a slow path in the processor. At 2048²
+    each placed kernel transform took 22 ms inside ZOGY against 7 ms for the same
+    transform of a plain kernel; zeroing the tails brought it to 12 ms. Values under
+    1e-20 of the kernel's peak (below float32's precision squared) change no float32 sum.
     """
     out = np.asarray(a, dtype=np.float32).copy()
     peak = float(np.max(np.abs(out))) if out.size else 0.0
@@ -140,6 +141,7 @@ def _place_wrapped(kernel: np.ndarray, shape: tuple[int, int], hy: int, hx: int)
     non-negative ones go to the array's start and the negative ones to its end, as a
     roll of the whole array would put them, without moving the whole array twice.
     """
+    kernel = _float32_normal(kernel)  # every kernel transform goes through here
     gy, gx = kernel.shape
     ny, nx = shape
     py, px = gy - hy, gx - hx  # how many non-negative offsets
@@ -405,7 +407,7 @@ def _convolved_variance(
     constant = 0.0
     spectrum = None
     for kernel, var in ((kernels.kn, var_new), (kernels.kr, var_ref)):
-        k2 = _float32_normal(kernel * kernel)
+        k2 = kernel * kernel
         if np.ndim(var) == 0:
             constant += float(var) * float(k2.sum())
         else:
@@ -439,8 +441,7 @@ class _NumpyFFT:
         return scipy.fft.rfft2(np.asarray(a, dtype=np.float32), workers=self.workers)
 
     def irfft2(self, a: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-        """Inverse of :meth:`rfft2`; ``a`` is a temporary and may be overwritten."""
-        return scipy.fft.irfft2(a, s=shape, workers=self.workers, overwrite_x=True)
+        return scipy.fft.irfft2(a, s=shape, workers=self.workers)
 
     def rfft2_placed(
         self, kernel: np.ndarray, shape: tuple[int, int], hy: int, hx: int
@@ -470,12 +471,11 @@ class _NumpyFFT:
         self, pn: np.ndarray, pr: np.ndarray, n_hat: np.ndarray, r_hat: np.ndarray,
         a_n: float, a_r: float, fn: float, fr: float,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
-        """:func:`_spectra` on blocks of rows small enough to stay in the cache.
+        """:func:`_spectra` on blocks of rows shared out between the transform's threads.
 
-        About thirty element-wise passes over the half-plane: on whole 2048² arrays
-        each pass streams through memory, on blocks of rows they run in the cache,
-        and the blocks are shared out between the transform's threads. Returns the
-        three spectra and the column sums of F_S's integrand.
+        About thirty element-wise passes over the half-plane, single-threaded in NumPy;
+        on blocks (see :meth:`_rows`) they run side by side. Returns the three spectra
+        and the column sums of F_S's integrand.
         """
         outputs = [np.empty_like(n_hat) for _ in range(3)]
 
