@@ -53,14 +53,16 @@ def find_peaks(
 def _subpixel(score: np.ndarray, y: int, x: int) -> tuple[float, float]:
     """Parabolic interpolation of the peak position along each axis."""
     ny, nx = score.shape
-    s = np.abs(score)
+
+    def s(j: int, i: int) -> float:  # |score| of one pixel (not of the whole map per peak)
+        return abs(score[j, i])
 
     def offset(a: float, b: float, c: float) -> float:
         den = a - 2 * b + c
         return 0.0 if den >= 0 else float(np.clip(0.5 * (a - c) / den, -0.5, 0.5))
 
-    dx = offset(s[y, x - 1], s[y, x], s[y, x + 1]) if 0 < x < nx - 1 else 0.0
-    dy = offset(s[y - 1, x], s[y, x], s[y + 1, x]) if 0 < y < ny - 1 else 0.0
+    dx = offset(s(y, x - 1), s(y, x), s(y, x + 1)) if 0 < x < nx - 1 else 0.0
+    dy = offset(s(y - 1, x), s(y, x), s(y + 1, x)) if 0 < y < ny - 1 else 0.0
     return y + dy, x + dx
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import sep
 from astropy.table import Table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from pipeline.science.masks import dilate_square
+
 __all__ = ["find_sources", "select_stars", "source_footprints"]
 
 sep.set_sub_object_limit(4096)
+# the pixel-stack size is global to sep: set and used under one lock, so threads
+# extracting from images of different sizes cannot size each other's stack
+_EXTRACT_LOCK = threading.Lock()
 
 
 def find_sources(
@@ -47,16 +54,17 @@ def find_sources(
     err = np.array(np.broadcast_to(rms, image.shape), dtype=np.float32, order="C")
     # the pixel stack is allocated on every call: size it to the image, not to the largest
     # image there could be (a 5M stack costs ~80 ms per call even on a small cutout)
-    sep.set_extract_pixstack(int(np.clip(image.size // 2, 300_000, 5_000_000)))
-    objects = sep.extract(
-        image,
-        threshold,
-        err=err,
-        mask=ignore,
-        minarea=min_area,
-        deblend_cont=0.005,
-        clean=True,
-    )
+    with _EXTRACT_LOCK:
+        sep.set_extract_pixstack(int(np.clip(image.size // 2, 300_000, 5_000_000)))
+        objects = sep.extract(
+            image,
+            threshold,
+            err=err,
+            mask=ignore,
+            minarea=min_area,
+            deblend_cont=0.005,
+            clean=True,
+        )
     table = Table()
     if len(objects) == 0:
         for name in ("x", "y", "flux", "flux_err", "snr", "peak", "a", "b", "theta", "r50"):
@@ -207,7 +215,5 @@ def source_footprints(
         sizes[0] = 0
         footprint = sizes[labels] >= 5
     if grow > 0 and footprint.any():
-        size = 2 * grow + 1
-        wide = ndimage.maximum_filter1d(footprint.astype(np.uint8), size=size, axis=0)
-        footprint = ndimage.maximum_filter1d(wide, size=size, axis=1).astype(bool)
+        footprint = dilate_square(footprint, grow)
     return footprint

@@ -72,6 +72,22 @@ def test_find_sources_recovers_bright_star_positions(star_field) -> None:
     assert np.median(ratio) == pytest.approx(0.99, abs=0.02)
 
 
+def test_find_sources_in_threads_matches_one_at_a_time(star_field) -> None:
+    """Extraction's pixel stack is sized per image under a lock: images of different
+    sizes extracted side by side give what they give alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    data = star_field[0]
+    images = [data, np.ascontiguousarray(data[:128, :200]), np.tile(data, (2, 2))] * 2
+    alone = [find_sources(image, 5.0) for image in images]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda image: find_sources(image, 5.0), images))
+    for a, b in zip(alone, together, strict=True):
+        assert len(a) == len(b) > 0
+        np.testing.assert_array_equal(np.asarray(a["x"]), np.asarray(b["x"]))
+        np.testing.assert_array_equal(np.asarray(a["flux"]), np.asarray(b["flux"]))
+
+
 def test_find_sources_on_empty_sky_returns_an_empty_table_with_columns() -> None:
     data = np.random.default_rng(2).normal(0.0, 1.0, (128, 128)).astype(np.float32)
     sources = find_sources(data, 1.0, threshold=8.0)

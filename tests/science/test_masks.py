@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.science.masks import bad_column_mask, cosmic_ray_mask, grow, saturation_mask
+from pipeline.science.masks import (
+    bad_column_mask,
+    cosmic_ray_mask,
+    dilate_square,
+    grow,
+    saturation_mask,
+)
 
 SKY, GAIN = 100.0, 2.0
 SIGMA = float(np.sqrt(SKY * GAIN) / GAIN)  # Poisson sky noise in ADU
@@ -113,6 +119,30 @@ def test_grow_reaches_radius_pixels_and_no_further() -> None:
     assert not grown[np.maximum(abs(yy - 10), abs(xx - 10)) > 3].any()  # within the square
     assert grow(mask, 0).sum() == 1
     assert grow(mask, 0) is not mask
+
+
+@pytest.mark.parametrize("radius", [0.5, 1, 1.5, 2.5, 4, 6, 7.3, 12])
+@pytest.mark.parametrize("shape", [(64, 97), (5, 40), (200, 3)])
+def test_grow_is_the_dilation_by_a_disc(radius: float, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(int(radius * 10) + shape[0])
+    mask = rng.random(shape) < 0.01
+    mask[0, -1] = mask[-1, 0] = True  # at the corners too
+    half = int(np.floor(radius))
+    yy, xx = np.mgrid[-half : half + 1, -half : half + 1]
+    disc = yy**2 + xx**2 <= radius**2
+    expected = ndimage.binary_dilation(mask, structure=disc)
+    np.testing.assert_array_equal(grow(mask, radius), expected)
+
+
+@pytest.mark.parametrize("half", [0, 1, 2, 4, 9])
+@pytest.mark.parametrize("shape", [(64, 97), (3, 40), (40, 2)])
+def test_dilate_square_is_the_dilation_by_a_square(half: int, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(half + shape[0])
+    mask = rng.random(shape) < 0.02
+    mask[0, -1] = mask[-1, 0] = True
+    square = np.ones((2 * half + 1, 2 * half + 1), dtype=bool)
+    expected = ndimage.binary_dilation(mask, structure=square)
+    np.testing.assert_array_equal(dilate_square(mask, half), expected)
 
 
 def test_saturation_wings_grow_by_the_whole_width_and_hold_the_mask() -> None:

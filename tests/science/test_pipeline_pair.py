@@ -148,6 +148,25 @@ def noise_pair(make_pair):
     )
 
 
+def test_preprocessing_gives_the_same_pair_on_one_core_as_on_several(monkeypatch) -> None:
+    """The two images are cleaned side by side in threads: the products must not care."""
+    from pipeline.science import preprocessing
+
+    sim = simulate_pair((512, 512), seed=7)
+    pairs = []
+    for cores in (1, 4):
+        monkeypatch.setattr(preprocessing.os, "cpu_count", lambda cores=cores: cores)
+        pairs.append(preprocess_pair(sim.science, sim.reference))
+    one, many = pairs
+    for name in ("science", "reference", "science_rms", "reference_rms", "science_var", "mask"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(many, name), err_msg=name)
+    np.testing.assert_array_equal(one.psf_science.basis, many.psf_science.basis)
+    np.testing.assert_array_equal(one.psf_reference.basis, many.psf_reference.basis)
+    assert one.flux.ratio == many.flux.ratio
+    assert one.registration.rms == many.registration.rms
+    assert len(one.reference_sources) == len(many.reference_sources) > 20
+
+
 def test_scorr_has_unit_variance_on_pure_noise(noise_pair) -> None:
     raw = difference_pair(noise_pair, backend="numpy", renormalise=False)
     valid = raw.S_corr[~raw.invalid]
