@@ -26,7 +26,7 @@ from pipeline.science.masks import (
     saturation_masks,
 )
 from pipeline.science.photometry import FluxScale, aperture_fraction, flux_scale
-from pipeline.science.psf import PSFModel, build_psf
+from pipeline.science.psf import PSFModel, build_psf, stamp_size_for
 from pipeline.science.registration import (
     Registration,
     match_points,
@@ -421,8 +421,13 @@ def preprocess_pair(
     too_bright = np.asarray(ref_sources["peak"]) >= 0.8 * saturation_ref
     known_stars = vstack([stars_ref, ref_sources[too_bright]]) if too_bright.any() else stars_ref
     stars_sci = _science_stars(sci_sources, known_stars, shape, saturation_sci)
-    psf_sci = build_psf(sci, stars_sci, mask=mask > 0, degree=psf_degree)
-    psf_ref = build_psf(ref, stars_ref, size=psf_sci.size, mask=mask > 0, degree=psf_degree)
+    # both PSFs on the science stars' stamp size, fitted side by side
+    size = stamp_size_for(stars_sci, shape) if len(stars_sci) >= 2 else None
+    flagged = mask > 0
+    psf_sci, psf_ref = _map_pair(
+        lambda job: build_psf(job[0], job[1], size=size, mask=flagged, degree=psf_degree),
+        [(sci, stars_sci), (ref, stars_ref)],
+    )
     if registration is not None and registration.shift is not None:
         psf_sci = _shift_psf(psf_sci, registration.shift)
     lap("psf")

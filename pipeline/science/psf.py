@@ -11,7 +11,14 @@ from scipy import ndimage, optimize
 
 from pipeline.errors import ScienceError
 
-__all__ = ["PSFModel", "build_psf", "choose_degree", "measure_fwhm", "psf_stamp_size"]
+__all__ = [
+    "PSFModel",
+    "build_psf",
+    "choose_degree",
+    "measure_fwhm",
+    "psf_stamp_size",
+    "stamp_size_for",
+]
 
 
 @dataclass
@@ -98,6 +105,13 @@ def measure_fwhm(psf: np.ndarray) -> float:
     return float(2.0 * np.sqrt(area / np.pi))
 
 
+def stamp_size_for(stars: Table, shape: tuple[int, int]) -> int:
+    """:func:`build_psf`'s default stamp size for these stars in an image of ``shape``."""
+    # r50 of a Moffat profile is ~0.6 FWHM, of a Gaussian 0.5 FWHM
+    fwhm_guess = 1.8 * float(np.median(stars["r50"]))
+    return psf_stamp_size(fwhm_guess, maximum=max(15, min(shape) // 4) | 1)
+
+
 def build_psf(
     data: np.ndarray,
     stars: Table,
@@ -135,9 +149,7 @@ def build_psf(
             "isolated, unsaturated stars (check the saturation level and detection threshold)"
         )
     if size is None:
-        # r50 of a Moffat profile is ~0.6 FWHM, of a Gaussian 0.5 FWHM
-        fwhm_guess = 1.8 * float(np.median(stars["r50"]))
-        size = psf_stamp_size(fwhm_guess, maximum=max(15, min(data.shape) // 4) | 1)
+        size = stamp_size_for(stars, data.shape)
     stamps, xs, ys, fluxes = _star_stamps(data, stars, size, mask)
     if len(stamps) < 2:
         raise ScienceError(f"only {len(stamps)} PSF stars have clean {size}×{size} stamps")

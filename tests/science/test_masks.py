@@ -11,6 +11,7 @@ from pipeline.science.masks import (
     cosmic_ray_mask,
     dilate_square,
     grow,
+    inpaint,
     saturation_mask,
 )
 
@@ -143,6 +144,44 @@ def test_dilate_square_is_the_dilation_by_a_square(half: int, shape: tuple[int, 
     square = np.ones((2 * half + 1, 2 * half + 1), dtype=bool)
     expected = ndimage.binary_dilation(mask, structure=square)
     np.testing.assert_array_equal(dilate_square(mask, half), expected)
+
+
+def _inpaint_by_whole_image_filters(data: np.ndarray, mask: np.ndarray, sigma: float = 1.5):
+    """The repair's definition: normalised Gaussian convolution over the whole image,
+    its width doubled until every masked pixel has good neighbours."""
+    out = data.astype(np.float32).copy()
+    todo = mask.copy()
+    good = (~todo & np.isfinite(out)).astype(np.float32)
+    values = np.where(good > 0, out, 0.0).astype(np.float32)
+    width = sigma
+    for _ in range(6):
+        weight = ndimage.gaussian_filter(good, width)
+        filled = ndimage.gaussian_filter(values, width) / np.maximum(weight, 1e-12)
+        ready = todo & (weight > 1e-3)
+        out[ready] = filled[ready]
+        todo &= ~ready
+        if not todo.any():
+            break
+        width *= 2
+    out[todo] = 0.0
+    return out
+
+
+@pytest.mark.parametrize("shape", [(160, 130), (9, 200), (40, 3)])
+def test_inpaint_fills_holes_as_whole_image_gaussian_filters_would(shape) -> None:
+    rng = np.random.default_rng(shape[1])
+    data = rng.normal(100.0, 10.0, shape).astype(np.float32)
+    data += np.linspace(0.0, 50.0, shape[1], dtype=np.float32)  # a gradient to follow
+    mask = rng.random(shape) < 0.02
+    mask[:, shape[1] // 2 : shape[1] // 2 + 2] = True  # a bad column
+    mask[:2, :2] = mask[-1, -2:] = True  # at the corners: the edges reflect
+    if min(shape) > 50:
+        mask[60:100, 40:90] = True  # a hole the first, narrow pass cannot fill
+    data[mask & (rng.random(shape) < 0.5)] = np.nan
+    repaired = inpaint(data, mask)
+    assert np.isfinite(repaired).all()
+    np.testing.assert_array_equal(repaired[~mask], data[~mask])
+    np.testing.assert_allclose(repaired, _inpaint_by_whole_image_filters(data, mask), rtol=1e-6)
 
 
 def test_saturation_wings_grow_by_the_whole_width_and_hold_the_mask() -> None:
