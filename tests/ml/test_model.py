@@ -45,6 +45,25 @@ def test_normalisation_removes_flux_units_and_handles_empty_stamps():
         normalise_triplets(np.zeros((2, 63, 63)))
 
 
+@pytest.mark.parametrize("size", [63, 64, 21])
+def test_normalisation_medians_are_numpys(size: int) -> None:
+    """The sort-based medians give np.median's values exactly, odd and even samples."""
+    rng = np.random.default_rng(size)
+    stamps = rng.normal(50, 8, (40, 3, size, size)).astype(np.float32)
+    stamps[3, 0, 4, 4], stamps[5, 2, 0, 0], stamps[6, 1, 9, 9] = np.nan, np.inf, -np.inf
+    stamps[7, 2] = 0.0  # flat: the spread fallback
+    x = np.nan_to_num(stamps, nan=0.0, posinf=0.0, neginf=0.0)
+    sample = x[:, :, ::2, ::2].reshape(40, 3, -1)
+    median = np.median(sample, axis=2)
+    sigma = 1.4826 * np.median(np.abs(sample - median[..., None]), axis=2)
+    fallback = sample.std(axis=2)
+    sigma = np.where(sigma > 0, sigma, np.where(fallback > 0, fallback, 1.0))
+    x -= median[..., None, None]
+    x *= (1.0 / (3.0 * sigma))[..., None, None].astype(np.float32)
+    expected = np.arcsinh(np.clip(x, -1000 / 3.0, 1000 / 3.0))
+    np.testing.assert_array_equal(normalise_triplets(stamps), expected)
+
+
 def test_network_shape_and_size():
     import torch
 
