@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,6 +12,7 @@ from astropy.table import Table
 
 from pipeline.science.background import estimate_background
 from pipeline.science.masks import grow
+from pipeline.science.parallel import thread_map
 from pipeline.science.preprocessing import FATAL, PreprocessedPair
 from pipeline.science.zogy import torch_available, zogy
 
@@ -165,8 +165,7 @@ def difference_pair(
     # tiles are independent and write disjoint regions; small transforms gain little
     # from threads of their own, so on the CPU the tiles themselves run side by side
     # (the transforms release the GIL)
-    threads = min(len(slices), os.cpu_count() or 1)
-    parallel = threads > 1 and backend == "numpy"
+    parallel = backend == "numpy" and len(slices) > 1 and (os.cpu_count() or 1) > 1
 
     def run_tile(index: int) -> None:
         nonlocal p_d, f_d
@@ -199,12 +198,7 @@ def difference_pair(
         if divmod(index, grid[1]) == centre_tile:
             p_d, f_d = result.P_D, result.F_D
 
-    if parallel:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            list(pool.map(run_tile, range(len(slices))))
-    else:
-        for index in range(len(slices)):
-            run_tile(index)
+    thread_map(run_tile, range(len(slices)), threads=None if parallel else 1)
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
     invalid = grow((pair.mask & np.uint8(FATAL)) > 0, int(np.ceil(mask_growth * fwhm)))
     invalid |= _edge(shape, int(np.ceil(fwhm)))

@@ -94,7 +94,7 @@ def inpaint(data: np.ndarray, mask: np.ndarray, *, sigma: float = 1.5) -> np.nda
         ys, xs = np.nonzero(todo)
         weight, total = _gaussian_sums_at(good, values, ys, xs, width)
         ready = weight > 1e-3
-        out[ys[ready], xs[ready]] = total[ready] / np.maximum(weight[ready], 1e-12)
+        out[ys[ready], xs[ready]] = total[ready] / weight[ready]
         todo[ys[ready], xs[ready]] = False
         if ready.all():
             break
@@ -110,7 +110,8 @@ def _gaussian_sums_at(
 
     The masked pixels are a small fraction of an image (cosmic rays, bad columns):
     summing each one's window costs far less than filtering the whole image, which
-    the repair did before (0.3 s per 2048² image, now a few ms).
+    the repair did before (about 0.3 s per crowded 2048² image; now 30-70 ms for its
+    1200-12000 repaired pixels).
     """
     radius = int(4.0 * sigma + 0.5)
     taps = np.arange(-radius, radius + 1)

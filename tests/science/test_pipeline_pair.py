@@ -150,12 +150,12 @@ def noise_pair(make_pair):
 
 def test_preprocessing_gives_the_same_pair_on_one_core_as_on_several(monkeypatch) -> None:
     """The two images are cleaned side by side in threads: the products must not care."""
-    from pipeline.science import preprocessing
+    from pipeline.science import parallel
 
     sim = simulate_pair((512, 512), seed=7)
     pairs = []
     for cores in (1, 4):
-        monkeypatch.setattr(preprocessing.os, "cpu_count", lambda cores=cores: cores)
+        monkeypatch.setattr(parallel.os, "cpu_count", lambda cores=cores: cores)
         pairs.append(preprocess_pair(sim.science, sim.reference))
     one, many = pairs
     for name in ("science", "reference", "science_rms", "reference_rms", "science_var", "mask"):
