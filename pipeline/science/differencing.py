@@ -113,7 +113,8 @@ def difference_pair(
     backend : {"auto", "numpy", "torch"}
         Transform backend (``auto``: torch when a GPU is present).
     source_noise : bool
-        Include the source Poisson noise of both images in V_S.
+        Include the source Poisson noise of both images in V_S, taken from the images
+        themselves and their gains (see :func:`~pipeline.science.zogy.zogy`).
     astrometric_noise : bool
         Include the registration error (from the matched stars) in V_S.
     flux_floor : bool
@@ -181,8 +182,14 @@ def difference_pair(
             sigma_ref=float(np.median(pair.reference_rms[padded])),
             flux_new=ratio,
             flux_ref=1.0,
-            var_new=_fast_size(pair.science_var[padded], "edge") if source_noise else None,
-            var_ref=_fast_size(pair.reference_var[padded], "edge") if source_noise else None,
+            gain_new=pair.science_gain if source_noise else None,
+            gain_ref=pair.reference_gain if source_noise else None,
+            background_var_new=_fast_size(pair.science_rms[padded] ** 2, "edge")
+            if source_noise
+            else None,
+            background_var_ref=_fast_size(pair.reference_rms[padded] ** 2, "edge")
+            if source_noise
+            else None,
             astrometric_sigma=sigma_ast,
             backend=backend,
             fft_workers=1 if parallel else -1,

@@ -63,8 +63,9 @@ class PreprocessedPair:
         Background-subtracted images (ADU); masked pixels hold 0.
     science_rms, reference_rms : 2D ndarray of float32
         Background noise maps (ADU).
-    science_var, reference_var : 2D ndarray of float32
-        Full variance maps: background plus source Poisson noise (ADU²).
+    science_gain, reference_gain : float
+        Gains (e⁻/ADU): with the rms maps they give each image's full variance,
+        background plus source Poisson noise, ``rms² + image / gain`` (ADU²).
     mask : 2D ndarray of uint8
         :class:`MaskBit` flags, union of both images.
     psf_science, psf_reference : PSFModel
@@ -83,8 +84,8 @@ class PreprocessedPair:
     reference: np.ndarray
     science_rms: np.ndarray
     reference_rms: np.ndarray
-    science_var: np.ndarray
-    reference_var: np.ndarray
+    science_gain: float
+    reference_gain: float
     mask: np.ndarray
     psf_science: PSFModel
     psf_reference: PSFModel
@@ -436,15 +437,13 @@ def preprocess_pair(
         scale = FluxScale(ratio=float(flux_ratio), error=0.0, scatter=0.0, n_stars=0)
     lap("flux_scale")
 
-    sci_var = (sci_rms**2 + np.clip(sci, 0, None) / science.gain).astype(np.float32)
-    ref_var = (ref_rms**2 + np.clip(ref, 0, None) / reference.gain).astype(np.float32)
     return PreprocessedPair(
         science=sci,
         reference=ref,
         science_rms=sci_rms,
         reference_rms=ref_rms,
-        science_var=sci_var,
-        reference_var=ref_var,
+        science_gain=float(science.gain),
+        reference_gain=float(reference.gain),
         mask=mask,
         psf_science=psf_sci,
         psf_reference=psf_ref,

@@ -49,8 +49,6 @@ _PRE_IMAGES = (
     "reference",
     "science_rms",
     "reference_rms",
-    "science_var",
-    "reference_var",
 )
 _DIFF_IMAGES = ("D", "S", "S_corr", "alpha", "alpha_err")
 
@@ -105,6 +103,8 @@ def load_preprocessed(path: str | os.PathLike[str]) -> PreprocessedPair:
         reg = meta["registration"]
         return PreprocessedPair(
             **images,
+            science_gain=float(meta["gain_science"]),
+            reference_gain=float(meta["gain_reference"]),
             mask=hdul["MASK"].data.astype(np.uint8),
             psf_science=PSFModel(
                 hdul["PSF_SCI"].data.astype(np.float32),
@@ -146,6 +146,8 @@ def _pre_meta(pair: PreprocessedPair) -> dict[str, Any]:
         "psf_reference_stars": pair.psf_reference.n_stars,
         "psf_science_error": pair.psf_science.model_error,
         "psf_reference_error": pair.psf_reference.model_error,
+        "gain_science": pair.science_gain,
+        "gain_reference": pair.reference_gain,
         "flux": {
             "ratio": pair.flux.ratio,
             "error": pair.flux.error,

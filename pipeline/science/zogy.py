@@ -168,6 +168,10 @@ def zogy(
     flux_ref: float = 1.0,
     var_new: np.ndarray | float | None = None,
     var_ref: np.ndarray | float | None = None,
+    gain_new: float | None = None,
+    gain_ref: float | None = None,
+    background_var_new: np.ndarray | float | None = None,
+    background_var_ref: np.ndarray | float | None = None,
     astrometric_sigma: tuple[float, float] = (0.0, 0.0),
     flux_error_fraction: float = 0.0,
     backend: str = "numpy",
@@ -187,8 +191,20 @@ def zogy(
     flux_new, flux_ref : float
         Flux zero points F_n and F_r (flux ratio science/reference and 1).
     var_new, var_ref : 2D ndarray or float, optional
-        Full per-pixel variance (background plus source Poisson noise, ADU²) used for
-        the source-noise terms. Default: the background variance alone.
+        Full per-pixel variance (background plus source Poisson noise, ADU²), convolved
+        with the squared matched filters for V_S (paper eq. 26-27): two more image-size
+        transforms. Default: the background variance alone.
+    gain_new, gain_ref : float, optional
+        Gains (e⁻/ADU) for the source Poisson noise taken from the images themselves:
+        V(ε_n) = σ_n² + N / g_n, and likewise for R. The images' transforms, which D
+        needs anyway, give the convolved source variance with no transform of a variance
+        map (8 image-size transforms instead of 10). Unlike a clipped variance map, the
+        source term uses N unclipped; its convolution is clipped at zero. Not with
+        ``var_new``/``var_ref``.
+    background_var_new, background_var_ref : 2D ndarray or float, optional
+        Background variance (ADU²) that goes with ``gain_*``; default ``sigma²``. A map
+        is taken as constant over the filters' width (a background noise map varies
+        on the scale of its background meshes): it is multiplied by Σκ² pixel by pixel.
     astrometric_sigma : tuple of float
         Registration error (σ_x, σ_y) in pixels between the two images; adds the
         astrometric-noise variance of the paper (eq. 30-33) to V_S.
@@ -206,28 +222,38 @@ def zogy(
     ZogyResult
     """
     _check_inputs(new, ref, psf_new, psf_ref, sigma_new, sigma_ref, flux_new, flux_ref)
+    own = _check_noise(var_new, var_ref, gain_new, gain_ref, background_var_new, background_var_ref)
     if backend == "auto":
         backend = "torch" if torch_available() else "numpy"
     if backend not in ("numpy", "torch"):
         raise ScienceError(f"backend must be 'numpy', 'torch' or 'auto', got {backend!r}")
     shape = new.shape
-    var_new = sigma_new**2 if var_new is None else var_new
-    var_ref = sigma_ref**2 if var_ref is None else var_ref
     fft = _transforms(backend, fft_workers)
 
     psf_new = psf_new / psf_new.sum()
     psf_ref = psf_ref / psf_ref.sum()
     fn, fr = float(flux_new), float(flux_ref)
+    f_d = fn * fr / np.sqrt(sigma_new**2 * fr**2 + sigma_ref**2 * fn**2)
+    # the kernels and P_D are compact: compute them on a small grid, on the CPU
+    small = _Kernels(psf_new, psf_ref, shape, sigma_new, sigma_ref, fn, fr, f_d)
     psf_new_w, hy_n, hx_n = _wrapped_psf(psf_new, shape)
     psf_ref_w, hy_r, hx_r = _wrapped_psf(psf_ref, shape)
     pn = fft.rfft2_placed(psf_new_w, shape, hy_n, hx_n)
     pr = fft.rfft2_placed(psf_ref_w, shape, hy_r, hx_r)
+    source = None
+    if own:  # the κ² spectra, over the gains, to weight the images' own spectra
+        source = tuple(
+            None
+            if gain is None
+            else fft.rfft2_placed(small.squared(kernel) / gain, shape, *small.half)
+            for kernel, gain in ((small.kn, gain_new), (small.kr, gain_ref))
+        )
     n_hat = fft.rfft2(new)
     r_hat = fft.rfft2(ref)
-    spec_n, spec_r, spec_d, fs_columns = fft.spectra(
-        pn, pr, n_hat, r_hat, sigma_new**2 * fr**2, sigma_ref**2 * fn**2, fn, fr
+    spec_n, spec_r, spec_d, spec_v, fs_columns = fft.spectra(
+        pn, pr, n_hat, r_hat, sigma_new**2 * fr**2, sigma_ref**2 * fn**2, fn, fr, source
     )
-    del n_hat, r_hat, pn, pr
+    del n_hat, r_hat, pn, pr, source
     s_new = fft.irfft2(spec_n, shape)
     del spec_n
     s_ref = fft.irfft2(spec_r, shape)
@@ -235,12 +261,21 @@ def zogy(
     d = fft.irfft2(spec_d, shape)
     del spec_d
     f_s = _full_sum(fs_columns, shape[1]) / (shape[0] * shape[1])
-    f_d = fn * fr / np.sqrt(sigma_new**2 * fr**2 + sigma_ref**2 * fn**2)
 
-    # the kernels and P_D are compact: compute them on a small grid, on the CPU
-    small = _Kernels(psf_new, psf_ref, shape, sigma_new, sigma_ref, fn, fr, f_d)
-    convolved = _convolved_variance(fft, small, var_new, var_ref, shape)
-    maps = fft.scores(s_new, s_ref, convolved, astrometric_sigma, flux_error_fraction, f_s)
+    if own:
+        convolved = fft.full(shape, 0.0) if spec_v is None else fft.irfft2(spec_v, shape)
+        del spec_v
+        background = _background_terms(
+            fft, small, sigma_new**2 if background_var_new is None else background_var_new,
+            sigma_ref**2 if background_var_ref is None else background_var_ref,
+        )  # fmt: skip
+    else:
+        var_new = sigma_new**2 if var_new is None else var_new
+        var_ref = sigma_ref**2 if var_ref is None else var_ref
+        convolved, background = _convolved_variance(fft, small, var_new, var_ref, shape), ()
+    maps = fft.scores(
+        s_new, s_ref, convolved, background, astrometric_sigma, flux_error_fraction, f_s
+    )
     maps.update(D=d, S_N=s_new, S_R=s_ref)
     p_d = _centred_stamp(small.p_d, psf_new.shape)
     return ZogyResult(
@@ -248,6 +283,50 @@ def zogy(
         P_D=p_d / p_d.sum(),
         F_D=float(f_d),
         F_S=float(f_s),
+    )
+
+
+def _check_noise(
+    var_new: np.ndarray | float | None,
+    var_ref: np.ndarray | float | None,
+    gain_new: float | None,
+    gain_ref: float | None,
+    background_new: np.ndarray | float | None,
+    background_ref: np.ndarray | float | None,
+) -> bool:
+    """Whether the source noise comes from the images (gains given); refuse mixed forms."""
+    own = gain_new is not None or gain_ref is not None
+    if own and (var_new is not None or var_ref is not None):
+        raise ScienceError(
+            "give either var_new/var_ref (full variance maps) or gain_new/gain_ref (source "
+            "noise from the images themselves), not both"
+        )
+    if not own and (background_new is not None or background_ref is not None):
+        raise ScienceError("background_var_new/background_var_ref go with gain_new/gain_ref")
+    for name, gain in (("gain_new", gain_new), ("gain_ref", gain_ref)):
+        if gain is not None and not (np.isfinite(gain) and gain > 0):
+            raise ScienceError(f"{name} must be a positive finite number, got {gain!r}")
+    for name, var in (("background_var_new", background_new),
+                      ("background_var_ref", background_ref)):  # fmt: skip
+        # two reductions, not whole-map temporaries: NaN or ±inf make the sum non-finite
+        if var is not None and not (
+            np.isfinite(np.sum(var, dtype=np.float64)) and np.min(var) >= 0
+        ):
+            raise ScienceError(f"{name} must be finite and non-negative")
+    return own
+
+
+def _background_terms(
+    fft: _NumpyFFT, kernels: _Kernels, var_new: np.ndarray | float, var_ref: np.ndarray | float
+) -> tuple[tuple[float, Any], ...]:
+    """(Σκ_n², σ_n²) and (Σκ_r², σ_r²): V_S's background terms, weight times variance.
+
+    The variances may be maps; :func:`_scores` adds the products row block by row
+    block, where they are cheap, rather than in whole-image passes here.
+    """
+    return tuple(
+        (float(kernels.squared(kernel).sum()), var if np.ndim(var) == 0 else fft.array(var))
+        for kernel, var in ((kernels.kn, var_new), (kernels.kr, var_ref))
     )
 
 
@@ -275,21 +354,37 @@ class _Kernels:
         self.kn = scipy.fft.irfft2(fn * fr**2 * np.conj(pn) * pr2 / den2, s=grid)
         self.kr = scipy.fft.irfft2(fr * fn**2 * np.conj(pr) * pn2 / den2, s=grid)
         self.p_d = scipy.fft.irfft2(fr * fn * pr * pn / (f_d * np.sqrt(den2)), s=grid)
+        self.half = (grid[0] // 2, grid[1] // 2)  # the small grid's centre, for placing
+
+    @staticmethod
+    def squared(kernel: np.ndarray) -> np.ndarray:
+        """κ², the kernel of a variance through the matched filter κ."""
+        return kernel * kernel
 
 
 def _spectra(
     pn: Any, pr: Any, n_hat: Any, r_hat: Any, a_n: float, a_r: float, fn: float, fr: float,
-    conj: Callable, sqrt: Callable,
-) -> tuple[Any, Any, Any, Any]:  # fmt: skip
-    """The spectra of S_N, S_R and D, and the integrand of F_S, on any rows of the half-plane.
+    source: tuple[Any, Any] | None, conj: Callable, sqrt: Callable,
+) -> tuple[Any, Any, Any, Any, Any]:  # fmt: skip
+    """The spectra of S_N, S_R, D and the source variance, and F_S's integrand, on any rows.
 
-    ``a_n`` = σ_n² F_r² and ``a_r`` = σ_r² F_n² (the two terms of the denominator); ``conj``
-    must return a new array (never a view that writes through to its input). Works on
-    NumPy and torch arrays alike, on the whole half-plane or on a block of its rows.
+    ``a_n`` = σ_n² F_r² and ``a_r`` = σ_r² F_n² (the two terms of the denominator);
+    ``source`` holds the spectra of κ_n²/g_n and κ_r²/g_r (either may be None), which
+    weight the images' own spectra into that of the convolved source variance (None
+    when not asked). ``conj`` must return a new array (never a view that writes through
+    to its input). Works on NumPy and torch arrays alike, on the whole half-plane or on
+    a block of its rows.
     """
-    pn2 = pn.real * pn.real + pn.imag * pn.imag
-    pr2 = pr.real * pr.real + pr.imag * pr.imag
-    inv_den2 = 1.0 / (a_n * pr2 + a_r * pn2 + _TINY)
+    # in place wherever the arrays are this function's own: each pass over a block
+    # costs as much as the arithmetic, and a fresh temporary one more
+    pn2 = pn.real * pn.real
+    pn2 += pn.imag * pn.imag
+    pr2 = pr.real * pr.real
+    pr2 += pr.imag * pr.imag
+    inv_den2 = a_n * pr2
+    inv_den2 += a_r * pn2
+    inv_den2 += _TINY
+    inv_den2 = 1.0 / inv_den2
     # real weights of the two matched filters: κ̂_n = conj(P̂_n)·w_n, κ̂_r = conj(P̂_r)·w_r
     w_n = pr2 * inv_den2
     w_n *= fn * fr**2
@@ -301,21 +396,31 @@ def _spectra(
     spec_r = conj(pr)
     spec_r *= r_hat
     spec_r *= w_r
+    # D: (F_r P̂_r N̂ - F_n P̂_n R̂) / √den², the scalars folded into the real root
+    root = sqrt(inv_den2)
     spec_d = pr * n_hat
-    spec_d *= fr
     other = pn * r_hat
-    other *= fn
+    other *= fn / fr
     spec_d -= other
-    spec_d *= sqrt(inv_den2)
+    root *= fr
+    spec_d *= root
     w_n *= pn2  # F_S's integrand |P̂_n|² w_n F_n, in w_n's memory
     w_n *= fn
-    return spec_n, spec_r, spec_d, w_n
+    spec_v = None
+    for weight, image in zip(source or (), (n_hat, r_hat), strict=False):
+        if weight is not None:
+            if spec_v is None:
+                spec_v = weight * image
+            else:
+                spec_v += weight * image
+    return spec_n, spec_r, spec_d, spec_v, w_n
 
 
 def _scores(
     s_new: Any,
     s_ref: Any,
     convolved: Any,
+    background: tuple[tuple[float, Any], ...],
     gradient: tuple[Any, Any] | None,
     sigma: tuple[float, float],
     flux_error_fraction: float,
@@ -325,25 +430,40 @@ def _scores(
 ) -> dict[str, Any]:
     """S, V_S, S_corr, α and its error from S_N, S_R and their convolved variance.
 
-    V_S adds the astrometric term σ_x² (∂S_N/∂x)² + σ_y² (∂S_N/∂y)² (paper eq. 30-31)
-    when ``gradient`` (∂S_N/∂y, ∂S_N/∂x) is given, and the flux-error floor.
+    V_S is ``convolved`` (clipped at zero: transforms leave rounding, and an image's own
+    source term dips below zero on empty sky) plus the ``background`` terms (weight
+    times a variance, a number or a map's rows), plus the astrometric term
+    σ_x² (∂S_N/∂x)² + σ_y² (∂S_N/∂y)² (paper eq. 30-31) when ``gradient``
+    (∂S_N/∂y, ∂S_N/∂x) is given, and the flux-error floor.
     """
-    variance = convolved
-    if gradient is not None:
+    variance = clamp_min(convolved, 0.0)  # a new array: safe to add to in place
+    for weight, var in background:
+        variance += weight * var
+    if gradient is not None:  # the gradient's arrays are scratch from here on
         gy, gx = gradient
         sx, sy = sigma
-        variance = variance + (sx**2 * gx * gx + sy**2 * gy * gy)
+        gx *= gx
+        gx *= sx**2
+        variance += gx
+        gy *= gy
+        gy *= sy**2
+        variance += gy
     if flux_error_fraction > 0:
-        variance = variance + flux_error_fraction**2 * (s_new * s_new + s_ref * s_ref)
+        floor = s_new * s_new
+        floor += s_ref * s_ref
+        floor *= flux_error_fraction**2
+        variance += floor
     variance = clamp_min(variance, _TINY)
     sigma_s = sqrt(variance)
     score = s_new - s_ref
+    s_corr = score / sigma_s
+    sigma_s *= 1.0 / float(f_s)  # α's error, in the root's memory
     return {
         "S": score,
-        "S_corr": score / sigma_s,
+        "S_corr": s_corr,
         "V_S": variance,
         "alpha": score / float(f_s),
-        "alpha_err": sigma_s / float(f_s),
+        "alpha_err": sigma_s,
     }
 
 
@@ -354,6 +474,11 @@ def _full_sum(columns: np.ndarray, nx: int) -> float:
     if nx % 2 == 0:
         weights[-1] = 1.0  # the Nyquist column appears once
     return float((np.asarray(columns, dtype=np.float64) * weights).sum())
+
+
+def _rows_of(a: Any, rows: slice) -> Any:
+    """The rows of an array, or a number (or None) as it is."""
+    return a[rows] if getattr(a, "ndim", 0) >= 1 else a
 
 
 def _row_blocks(n: int, rows: int) -> list[slice]:
@@ -407,12 +532,11 @@ def _convolved_variance(
     constant = 0.0
     spectrum = None
     for kernel, var in ((kernels.kn, var_new), (kernels.kr, var_ref)):
-        k2 = kernel * kernel
+        k2 = kernels.squared(kernel)
         if np.ndim(var) == 0:
             constant += float(var) * float(k2.sum())
         else:
-            gy, gx = kernels.grid
-            term = fft.rfft2(var) * fft.rfft2_placed(k2, shape, gy // 2, gx // 2)
+            term = fft.rfft2(var) * fft.rfft2_placed(k2, shape, *kernels.half)
             spectrum = term if spectrum is None else spectrum + term
     if spectrum is None:
         return fft.full(shape, constant)
@@ -470,35 +594,50 @@ class _NumpyFFT:
     def spectra(
         self, pn: np.ndarray, pr: np.ndarray, n_hat: np.ndarray, r_hat: np.ndarray,
         a_n: float, a_r: float, fn: float, fr: float,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+        source: tuple[np.ndarray | None, np.ndarray | None] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray]:  # fmt: skip
         """:func:`_spectra` on blocks of rows shared out between the transform's threads.
 
         About thirty element-wise passes over the half-plane, single-threaded in NumPy;
-        on blocks (see :meth:`_rows`) they run side by side. Returns the three spectra
-        and the column sums of F_S's integrand.
+        on blocks (see :meth:`_rows`) they run side by side. Returns the spectra of S_N,
+        S_R, D and the source variance (None unless ``source``), and the column sums of
+        F_S's integrand.
+
+        The spectra are written over ``n_hat``, ``r_hat``, ``pn`` and ``pr``, block by
+        block once each block is read: four fresh half-planes would cost more in first
+        touches of new memory (page faults) than the arithmetic that fills them.
         """
-        outputs = [np.empty_like(n_hat) for _ in range(3)]
+        wanted = source is not None and any(w is not None for w in source)
+        outputs = [n_hat, r_hat, pn, pr][: 4 if wanted else 3]
 
         def block(rows: slice) -> np.ndarray:
+            weights = None if source is None else tuple(_rows_of(w, rows) for w in source)
             *spectra, integrand = _spectra(
-                pn[rows], pr[rows], n_hat[rows], r_hat[rows], a_n, a_r, fn, fr, np.conj, np.sqrt
-            )
-            for out, spectrum in zip(outputs, spectra, strict=True):
+                pn[rows], pr[rows], n_hat[rows], r_hat[rows], a_n, a_r, fn, fr, weights,
+                np.conj, np.sqrt,
+            )  # fmt: skip
+            for out, spectrum in zip(outputs, spectra, strict=False):
                 out[rows] = spectrum
             return integrand.sum(axis=0, dtype=np.float64)
 
         columns = self._map(block, _row_blocks(n_hat.shape[0], self._rows(n_hat)))
-        return (*outputs, np.sum(columns, axis=0))
+        spec_v = outputs[3] if wanted else None
+        return (*outputs[:3], spec_v, np.sum(columns, axis=0))
 
     def scores(
         self, s_new: np.ndarray, s_ref: np.ndarray, convolved: np.ndarray,
-        sigma: tuple[float, float], flux_error_fraction: float, f_s: float,
+        background: tuple[tuple[float, Any], ...], sigma: tuple[float, float],
+        flux_error_fraction: float, f_s: float,
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """:func:`_scores` on blocks of rows (the gradient takes one row either side)."""
+        """:func:`_scores` on blocks of rows (the gradient takes one row either side).
+
+        V_S is written over ``convolved``.
+        """
         ny = s_new.shape[0]
         astrometric = sigma[0] > 0 or sigma[1] > 0
         names = ("S", "S_corr", "V_S", "alpha", "alpha_err")
-        outputs = {name: np.empty(s_new.shape, dtype=np.float32) for name in names}
+        outputs = {name: np.empty(s_new.shape, dtype=np.float32) for name in names if name != "V_S"}
+        outputs["V_S"] = convolved  # written over, block by block, once read
 
         def block(rows: slice) -> None:
             gradient = None
@@ -508,14 +647,19 @@ class _NumpyFFT:
                 gy, gx = np.gradient(s_new[lo:hi])
                 gradient = (gy[inner], gx[inner])
             maps = _scores(
-                s_new[rows], s_ref[rows], convolved[rows], gradient, sigma,
-                flux_error_fraction, f_s, np.maximum, np.sqrt,
+                s_new[rows], s_ref[rows], convolved[rows],
+                tuple((weight, _rows_of(var, rows)) for weight, var in background),
+                gradient, sigma, flux_error_fraction, f_s, np.maximum, np.sqrt,
             )  # fmt: skip
             for name in names:
                 outputs[name][rows] = maps[name]
 
         self._map(block, _row_blocks(ny, self._rows(s_new)))
         return outputs
+
+    @staticmethod
+    def array(a: np.ndarray) -> np.ndarray:
+        return a
 
     def _rows(self, a: np.ndarray) -> int:
         """Rows per block: about 1 MiB of one array, and at least one block per thread.
@@ -575,26 +719,31 @@ class _TorchFFT(_NumpyFFT):
 
     def spectra(
         self, pn: Any, pr: Any, n_hat: Any, r_hat: Any, a_n: float, a_r: float, fn: float,
-        fr: float,
-    ) -> tuple[Any, Any, Any, np.ndarray]:  # fmt: skip
+        fr: float, source: tuple[Any, Any] | None = None,
+    ) -> tuple[Any, Any, Any, Any, np.ndarray]:  # fmt: skip
         # torch.conj is a view: an in-place product on it would write into P̂ itself
         *spectra, integrand = _spectra(
-            pn, pr, n_hat, r_hat, a_n, a_r, fn, fr, self.torch.conj_physical, self.torch.sqrt
-        )
+            pn, pr, n_hat, r_hat, a_n, a_r, fn, fr, source, self.torch.conj_physical,
+            self.torch.sqrt,
+        )  # fmt: skip
         columns = integrand.sum(dim=0, dtype=self.torch.float64).cpu().numpy()
         return (*spectra, columns)
 
     def scores(
-        self, s_new: Any, s_ref: Any, convolved: Any, sigma: tuple[float, float],
-        flux_error_fraction: float, f_s: float,
+        self, s_new: Any, s_ref: Any, convolved: Any, background: Any,
+        sigma: tuple[float, float], flux_error_fraction: float, f_s: float,
     ) -> dict[str, Any]:  # fmt: skip
         gradient = None
         if sigma[0] > 0 or sigma[1] > 0:
             gradient = self.torch.gradient(s_new)
         return _scores(
-            s_new, s_ref, convolved, gradient, sigma, flux_error_fraction, f_s,
-            lambda a, value: self.torch.clamp(a, min=value), self.torch.sqrt,
+            s_new, s_ref, convolved, background, gradient, sigma,
+            flux_error_fraction, f_s, lambda a, value: self.torch.clamp(a, min=value),
+            self.torch.sqrt,
         )  # fmt: skip
+
+    def array(self, a: Any) -> Any:
+        return self._tensor(a)
 
     def to_numpy(self, a: object) -> np.ndarray:
         if isinstance(a, np.ndarray):

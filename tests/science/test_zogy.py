@@ -107,6 +107,77 @@ def test_source_noise_term_normalises_a_bright_star() -> None:
     assert 0.85 < core.std() < 1.15  # without the source term it would be several
 
 
+def test_source_noise_from_the_images_equals_the_variance_map_form() -> None:
+    """σ² + N/g through the images' own spectra = the same variance map convolved exactly."""
+    rng = np.random.default_rng(4)
+    new, ref = np.zeros((200, 230), np.float32), np.zeros((200, 230), np.float32)
+    for _ in range(25):  # noiseless stars: N/g >= 0, so the zero clip changes nothing
+        x, y, f = rng.integers(20, 210), rng.integers(20, 180), rng.uniform(1e3, 1e5)
+        add_point(new, PN, x, y, 0.8 * f)
+        add_point(ref, PR, x, y, f)
+    add_point(new, PN, 111, 77, 4e4)  # and a transient
+    common = dict(sigma_new=10.0, sigma_ref=5.0, flux_new=0.8, astrometric_sigma=(0.2, 0.3))
+    # background maps that vary on a scale far above the filters' width
+    yy, xx = np.mgrid[:200, :230]
+    bkg_new = (100.0 * (1 + 0.2 * xx / 230)).astype(np.float32)
+    bkg_ref = (25.0 * (1 + 0.1 * yy / 200)).astype(np.float32)
+    exact = zogy(
+        new, ref, PN, PR, **common, var_new=bkg_new + new / 2.5, var_ref=bkg_ref + ref / 4.0
+    )
+    own = zogy(
+        new, ref, PN, PR, **common, gain_new=2.5, gain_ref=4.0,
+        background_var_new=bkg_new, background_var_ref=bkg_ref,
+    )  # fmt: skip
+    inner = (slice(40, 160), slice(40, 190))  # away from the maps' wrap-around edges
+    np.testing.assert_allclose(own.V_S[inner], exact.V_S[inner], rtol=2e-3)
+    np.testing.assert_allclose(own.S_corr[inner], exact.S_corr[inner], rtol=2e-3, atol=1e-3)
+    for name in ("D", "S", "alpha"):  # the noise model does not touch the filters
+        np.testing.assert_array_equal(getattr(own, name), getattr(exact, name), err_msg=name)
+    # the source term is there: without it the transient's S_corr would be larger
+    plain = zogy(new, ref, PN, PR, **common)
+    assert own.S_corr[77, 111] < 0.5 * plain.S_corr[77, 111]
+    # one image's gain alone: the other keeps its background variance only
+    half = zogy(new, ref, PN, PR, **common, gain_new=2.5)
+    assert plain.V_S[77, 111] < half.V_S[77, 111] < own.V_S[77, 111]
+
+
+def test_source_noise_from_the_images_normalises_a_bright_star() -> None:
+    rng = np.random.default_rng(3)
+    n, gain, sky_sigma = 256, 1.0, 5.0
+    star = np.zeros((n, n))
+    add_point(star, PR, 128, 128, 2e5)
+    ref_model = star.astype(np.float32)
+    new_model = fftconvolve(ref_model, gaussian(31, 2.7), mode="same").astype(np.float32)
+    psf_new = fftconvolve(PR, gaussian(31, 2.7), mode="same")
+    trials, sky = [], []
+    for _ in range(20):
+        var_new = sky_sigma**2 + np.clip(new_model, 0, None) / gain
+        var_ref = sky_sigma**2 + np.clip(ref_model, 0, None) / gain
+        new = (new_model + rng.normal(0, np.sqrt(var_new))).astype(np.float32)
+        ref = (ref_model + rng.normal(0, np.sqrt(var_ref))).astype(np.float32)
+        result = zogy(
+            new, ref, psf_new, PR, sigma_new=sky_sigma, sigma_ref=sky_sigma,
+            gain_new=gain, gain_ref=gain,
+        )  # fmt: skip
+        trials.append(result.S_corr[118:139, 118:139])
+        sky.append(result.S_corr[20:80, 20:80])
+    assert 0.85 < np.stack(trials).std() < 1.15  # without the source term it would be several
+    assert 0.95 < np.stack(sky).std() < 1.05  # the noisy source term does not narrow empty sky
+
+
+def test_mixed_noise_forms_are_refused() -> None:
+    img = np.zeros((64, 64), dtype=np.float32)
+    base = dict(sigma_new=1.0, sigma_ref=1.0)
+    with pytest.raises(ScienceError, match="not both"):
+        zogy(img, img, PN, PR, **base, var_new=img + 1, gain_new=2.0)
+    with pytest.raises(ScienceError, match="gain_ref must be a positive"):
+        zogy(img, img, PN, PR, **base, gain_ref=0.0)
+    with pytest.raises(ScienceError, match="go with gain_new"):
+        zogy(img, img, PN, PR, **base, background_var_new=img + 1)
+    with pytest.raises(ScienceError, match="background_var_ref must be finite"):
+        zogy(img, img, PN, PR, **base, gain_new=1.0, background_var_ref=img - 1)
+
+
 def test_astrometric_term_absorbs_a_misregistration_dipole() -> None:
     star = np.zeros((128, 128), dtype=np.float32)
     add_point(star, PR, 64, 64, 1e5)
@@ -165,17 +236,23 @@ def test_torch_backend_code_matches_numpy_on_every_product(monkeypatch) -> None:
     ref = rng.normal(0, 5, (128, 144)).astype(np.float32)
     add_point(new, PN, 60, 70, 3000.0)
     add_point(ref, PR, 30, 40, 5000.0)
-    kwargs = dict(
-        sigma_new=10.0, sigma_ref=5.0, flux_new=0.8, var_new=new.clip(0) + 100.0,
-        var_ref=ref.clip(0) + 25.0, astrometric_sigma=(0.3, 0.2), flux_error_fraction=0.02,
+    common = dict(
+        sigma_new=10.0, sigma_ref=5.0, flux_new=0.8, astrometric_sigma=(0.3, 0.2),
+        flux_error_fraction=0.02,
     )  # fmt: skip
-    a = zogy(new, ref, PN, PR, **kwargs)
-    monkeypatch.setattr(module, "_transforms", lambda backend, workers: module._TorchFFT("cpu"))
-    b = zogy(new, ref, PN, PR, **kwargs, backend="torch")
-    for name in ("D", "S", "S_corr", "V_S", "alpha", "alpha_err", "S_N", "S_R", "P_D"):
-        x, y = getattr(a, name), getattr(b, name)
-        assert np.abs(x - y).max() <= 1e-4 * np.abs(x).max(), name
-    assert abs(b.F_S - a.F_S) <= 1e-5 * a.F_S
+    noise_forms = (
+        dict(var_new=new.clip(0) + 100.0, var_ref=ref.clip(0) + 25.0),
+        dict(gain_new=2.0, gain_ref=3.0, background_var_new=np.full(new.shape, 100.0)),
+    )
+    for noise in noise_forms:
+        a = zogy(new, ref, PN, PR, **common, **noise)
+        with monkeypatch.context() as patch:
+            patch.setattr(module, "_transforms", lambda backend, workers: module._TorchFFT("cpu"))
+            b = zogy(new, ref, PN, PR, **common, **noise, backend="torch")
+        for name in ("D", "S", "S_corr", "V_S", "alpha", "alpha_err", "S_N", "S_R", "P_D"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert np.abs(x - y).max() <= 1e-4 * np.abs(x).max(), name
+        assert abs(b.F_S - a.F_S) <= 1e-5 * a.F_S
 
 
 def test_blocked_cpu_products_do_not_depend_on_the_threads() -> None:
