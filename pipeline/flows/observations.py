@@ -39,6 +39,7 @@ from pipeline.flows.runtime import (
     attempt_dicts,
     download,
     emit,
+    expect_notebooks,
     flow_run_id,
     get_catalogue,
     get_runner,
@@ -234,6 +235,7 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     run_id = flow_run_id()
     logger = get_run_logger()
     with _flow_body(), observation_slot(config.max_concurrent_flows):
+        expect_notebooks(config, len(STEP_ORDER))
         catalogue = get_catalogue(config)
         _record_run(
             catalogue,

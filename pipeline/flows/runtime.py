@@ -38,6 +38,7 @@ __all__ = [
     "close_catalogues",
     "download",
     "emit",
+    "expect_notebooks",
     "flow_run_id",
     "get_catalogue",
     "get_runner",
@@ -98,6 +99,18 @@ def pool_size(environ: Mapping[str, str] | None = None) -> int:
     """
     env = os.environ if environ is None else environ
     return 1 if env.get("PREFECT__FLOW_RUN_ID") else 3
+
+
+def expect_notebooks(config: WorkflowConfig, count: int) -> None:
+    """In a process a worker started for one run, warm kernels for ``count`` notebooks only.
+
+    Such a process ends with its run, so a kernel warmed behind the last notebook is
+    thrown away; a long-lived process keeps its spares for the next run.
+    """
+    if os.environ.get("PREFECT__FLOW_RUN_ID"):
+        pool = get_runner(config).pool
+        if pool is not None:
+            pool.expect(count)
 
 
 def get_runner(config: WorkflowConfig) -> NotebookRunner:

@@ -16,13 +16,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 from pipeline.errors import AstrError
-from pipeline.ml.data import CandidateDataset
-from pipeline.ml.evaluate import Evaluation, evaluate
-from pipeline.ml.train import TrainedModel, load_model
+
+if TYPE_CHECKING:  # torch, SciPy and astropy load only where a model is used: a flow
+    # process that just looks up the production model does not import them (~3 CPU-s)
+    from pipeline.ml.data import CandidateDataset
+    from pipeline.ml.evaluate import Evaluation
+    from pipeline.ml.train import TrainedModel
 
 __all__ = [
     "ENVIRONMENTS",
@@ -188,6 +192,8 @@ class ModelRegistry:
         """The model of a registered version, loaded as our class."""
         import mlflow
 
+        from pipeline.ml.train import load_model
+
         record = self._version(version)
         if record.source.startswith("file://"):  # a local artifact store: read it in place
             return load_model(Path(url2pathname(urlparse(record.source).path)) / "model.pt")
@@ -268,6 +274,8 @@ class ModelRegistry:
         single worst-scored real would decide) is compared on AUC first instead. With
         ``force`` the version is deployed whatever the comparison says.
         """
+        from pipeline.ml.evaluate import evaluate
+
         _check_environment(environment)
         self._version(version)
         current = self.holder(environment)

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 DEFAULT_WARMUP: tuple[str, ...] = (
     "numpy",
     "scipy.fft",
-    "scipy.stats",
     "astropy.io.fits",
     "astropy.table",
     "astropy.visualization",
@@ -326,6 +325,7 @@ class KernelPool:
         self.kernel_name = kernel_name
         self._ready: deque[Kernel] = deque()
         self._starting = 0
+        self._demand: int | None = None  # acquisitions still expected (None: unbounded)
         self._closed = False
         self._cond = threading.Condition()
         self._errors: deque[BaseException] = deque(maxlen=3)
@@ -344,6 +344,19 @@ class KernelPool:
         with self._cond:
             return len(self._ready)
 
+    def expect(self, acquisitions: int) -> None:
+        """Warm no more kernels than the next ``acquisitions`` calls to :meth:`acquire` take.
+
+        A process that runs one known sequence of notebooks (the process a worker starts
+        for one pipeline run) otherwise warms a spare behind its last notebook that no
+        one takes: a kernel start and the science imports (about 2 CPU-s) thrown away
+        per run. Acquisitions beyond the expected ones start a kernel on the spot.
+        """
+        if acquisitions < 0:
+            raise ValueError(f"acquisitions must be >= 0, got {acquisitions}")
+        with self._cond:
+            self._demand = acquisitions
+
     def acquire(self, timeout: float = 120.0) -> Kernel:
         """Take a ready kernel (waiting for one being started), or start one now.
 
@@ -356,6 +369,8 @@ class KernelPool:
         with self._cond:
             if self._closed:
                 raise KernelDiedError("the kernel pool is closed")
+            if self._demand is not None:
+                self._demand = max(self._demand - 1, 0)
             while True:
                 while self._ready:
                     kernel = self._ready.popleft()
@@ -392,6 +407,8 @@ class KernelPool:
     def _refill(self) -> None:
         with self._cond:
             missing = self.size - len(self._ready) - self._starting
+            if self._demand is not None:
+                missing = min(missing, self._demand - len(self._ready) - self._starting)
             if self._closed or missing <= 0:
                 return
             self._starting += missing

@@ -218,6 +218,21 @@ def test_pool_kernels_are_warm_used_once_and_share_no_state(tmp_path, make_noteb
     assert not _alive(first.outputs["pid"]) and not _alive(second.outputs["pid"])
 
 
+def test_pool_warms_no_kernel_beyond_the_expected_notebooks() -> None:
+    with KernelPool(1, warmup=()) as pool:
+        pool.expect(2)
+        kernels = [pool.acquire(), pool.acquire()]  # the second was warmed behind the first
+        time.sleep(3.0)  # a kernel without imports starts in well under a second
+        assert pool.ready == 0  # none warmed behind the last expected one
+        kernels.append(pool.acquire())  # one more than expected: started on the spot
+        assert all(kernel.is_alive() for kernel in kernels)
+        assert len({kernel.pid for kernel in kernels}) == 3
+        for kernel in kernels:
+            kernel.kill()
+    with pytest.raises(ValueError, match="acquisitions"):
+        KernelPool(0).expect(-1)
+
+
 def test_kernels_use_ipc_and_run_concurrently(tmp_path, make_notebook):
     kernel = start_kernel()
     try:
