@@ -62,7 +62,7 @@ from pipeline.flows.steps import (
     parse_observation_data,
     producer_of,
 )
-from pipeline.runner import Attempt, NotebookResult
+from pipeline.runner import Attempt, NotebookResult, kernel_session
 from pipeline.store import ArtifactStore, Catalogue
 from pipeline.store.models import Observation
 from pipeline.store.storage import sha256_file
@@ -235,7 +235,9 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     run_id = flow_run_id()
     logger = get_run_logger()
     with _flow_body(), observation_slot(config.max_concurrent_flows):
-        expect_notebooks(config, len(STEP_ORDER))
+        # the steps share one kernel, cleared between notebooks (kernel_session): the
+        # run warms one kernel, not five; a retry or a failed step's successor gets a new one
+        expect_notebooks(config, 1)
         catalogue = get_catalogue(config)
         _record_run(
             catalogue,
@@ -251,7 +253,7 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
         context = PipelineContext(run_id=run_id, force=request.force, reporter=reporter)
         results: dict[str, dict] = {}
         try:
-            with in_pipeline(context), subflows_without_heartbeats():
+            with in_pipeline(context), subflows_without_heartbeats(), kernel_session():
                 for index, name in enumerate(STEP_ORDER):
                     context.step_index = index
                     reporter.update(index / len(STEP_ORDER), name, force=True)

@@ -27,6 +27,7 @@ from pipeline.runner.kernels import Kernel, close_client, open_client, wait_unti
 from pipeline.runner.reports import strip_ansi
 
 __all__ = [
+    "RESET_CODE",
     "TRANSIENT_ERRORS",
     "AttemptOutcome",
     "execute_attempt",
@@ -73,6 +74,8 @@ class AttemptOutcome:
     interrupt : BaseException or None
         A termination signal or interrupt that arrived during the run; the caller
         re-raises it after recording the attempt.
+    kept : bool
+        Whether the kernel was kept, cleared, for another notebook (``keep=True``).
     """
 
     status: str
@@ -83,6 +86,7 @@ class AttemptOutcome:
     cells_done: int = 0
     cells_total: int = 0
     interrupt: BaseException | None = None
+    kept: bool = False
 
 
 class _StreamingClient(NotebookClient):  # type: ignore[misc]
@@ -126,8 +130,13 @@ def execute_attempt(
     cancel_event: threading.Event | None = None,
     on_text: TextCallback | None = None,
     on_progress: ProgressCallback | None = None,
+    keep: bool = False,
 ) -> AttemptOutcome:
     """Execute every cell of ``nb`` in ``kernel``; the kernel is killed afterwards.
+
+    With ``keep``, a kernel whose notebook completed is left running, its namespace
+    cleared (see :data:`RESET_CODE`), for the caller's next notebook; ``outcome.kept``
+    says whether it was.
 
     Parameters
     ----------
@@ -147,6 +156,8 @@ def execute_attempt(
         ``on_text(cell_index, text)`` for each piece of stream output, as it arrives.
     on_progress : callable, optional
         ``on_progress(done, total, cell_index)`` at the start and end of each code cell.
+    keep : bool
+        Keep the kernel, cleared, when the notebook completes.
 
     Returns
     -------
@@ -205,9 +216,12 @@ def execute_attempt(
     guard.start()
     outcome: AttemptOutcome
     loop = asyncio.new_event_loop()
+    kept = False
     try:
         loop.run_until_complete(client.async_execute())
         outcome = AttemptOutcome("completed", nb)
+        if keep and not state["stopped"]:
+            kept = loop.run_until_complete(_reset(client))
     except CellTimeoutError as exc:
         outcome = AttemptOutcome(
             "timed_out",
@@ -241,14 +255,42 @@ def execute_attempt(
                 outcome.interrupt = exc
     finally:
         finished.set()
-        kernel.kill(wait=False)  # signalled now, reaped in the background
         guard.join(timeout=1)
+        kept = kept and not state["stopped"] and kernel.is_alive()
+        if kept:
+            kernel.busy = False
+        else:
+            kernel.kill(wait=False)  # signalled now, reaped in the background
         _close_client(client)
         _close_loop(loop)
     outcome.kernel_seconds = kernel_seconds(nb)
     outcome.cells_done = state["done"]
     outcome.cells_total = total
+    outcome.kept = kept
     return outcome
+
+
+#: Run in a kept kernel after its notebook: the next notebook finds no figure, no name
+#: and no execution count of this one. Imported modules stay (that is the point: their
+#: import is paid once), and with them whatever state a library keeps at module level.
+RESET_CODE = (
+    "_m = __import__('sys').modules.get('matplotlib.pyplot')\n"
+    "if _m is not None:\n"
+    "    _m.close('all')\n"
+    "get_ipython().run_line_magic('reset', '-f')\n"
+    "__import__('gc').collect()\n"
+    "get_ipython().execution_count = 1\n"
+)
+
+
+async def _reset(client: NotebookClient) -> bool:
+    """Clear the kernel for another notebook; False if it did not answer ``ok``."""
+    try:
+        msg_id = client.kc.execute(RESET_CODE, silent=True, store_history=False)
+        reply = await asyncio.wait_for(client.async_wait_for_reply(msg_id), 30)
+    except Exception:  # a kernel that cannot be cleared is not kept
+        return False
+    return bool(reply) and reply.get("content", {}).get("status") == "ok"
 
 
 def _close_client(client: NotebookClient) -> None:

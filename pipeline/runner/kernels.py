@@ -8,9 +8,11 @@ it: every kernel this process starts is recorded here and killed by process grou
 within about a second if this process dies (ipykernel polls its parent's pid).
 
 The pool starts kernels ahead of need and imports the heavy modules in them, so a
-notebook does not pay for the kernel start or for importing the science stack. Each
-pooled kernel runs exactly one notebook and is then killed: no state leaks between
-runs. A background thread refills the pool.
+notebook does not pay for the kernel start or for importing the science stack. A
+pooled kernel runs one notebook and is then killed, except inside a
+:func:`~pipeline.runner.runner.kernel_session` (the steps of one pipeline run), where
+the next notebook gets it cleared; kernels never pass from one run to another. A
+background thread refills the pool.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Run one notebook as one unit of work: parameters, retries, timeouts, reports, cache.
 
 ``NotebookRunner.run`` injects the parameters (papermill's way), gives the notebook a
-fresh ``output_dir`` per attempt, executes it in a kernel from the warm pool, keeps
+fresh ``output_dir`` per attempt, executes it in a kernel from the warm pool (inside
+:func:`kernel_session`, in the kernel the previous notebook completed in), keeps
 every attempt's executed notebook and its HTML rendering (marked if it did not
 complete), and returns a ``NotebookResult`` with the notebook's ``outputs.json``.
 
@@ -12,12 +13,14 @@ own code fails at once with the cell's source, the error and its traceback.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,11 +42,74 @@ from pipeline.runner.kernels import Kernel, KernelPool, start_kernel
 from pipeline.runner.reports import mark_notebook, write_report
 from pipeline.store.storage import sha256_file
 
-__all__ = ["Attempt", "NotebookResult", "NotebookRunner", "backoff_delay"]
+__all__ = [
+    "Attempt",
+    "KernelSession",
+    "NotebookResult",
+    "NotebookRunner",
+    "backoff_delay",
+    "kernel_session",
+]
 
 OUTPUTS_FILE = "outputs.json"
 #: After a kernel dies, how long to wait for a cancel request that explains it (seconds).
 CANCEL_GRACE = 1.0
+
+
+class KernelSession:
+    """One kernel shared by a sequence of notebooks: the steps of one pipeline run.
+
+    Each notebook after the first runs in the kernel the previous one completed in,
+    cleared in between (:data:`~pipeline.runner.execute.RESET_CODE`: no figure, no
+    name, no execution count left), so the science stack is imported once per run
+    instead of once per notebook. A kernel whose notebook did not complete (a failed
+    cell, a timeout, a cancel, a death) is never reused: the next notebook, or the
+    retry, gets a fresh one. Different sessions (different runs) never share a kernel.
+    """
+
+    def __init__(self) -> None:
+        self._kernel: Kernel | None = None
+        self._lock = threading.Lock()
+
+    def take(self) -> Kernel | None:
+        """The kept kernel, if it is still alive (it is then this caller's)."""
+        with self._lock:
+            kernel, self._kernel = self._kernel, None
+        if kernel is not None and not kernel.is_alive():
+            kernel.kill()
+            return None
+        return kernel
+
+    def keep(self, kernel: Kernel) -> None:
+        """Keep a cleared kernel for the next notebook (one at most: a second is killed)."""
+        with self._lock:
+            spare, self._kernel = self._kernel, kernel
+        if spare is not None:
+            spare.kill(wait=False)
+
+    def close(self) -> None:
+        """Kill the kept kernel."""
+        with self._lock:
+            kernel, self._kernel = self._kernel, None
+        if kernel is not None:
+            kernel.kill(wait=False)
+
+
+_SESSION: contextvars.ContextVar[KernelSession | None] = contextvars.ContextVar(
+    "astr_kernel_session", default=None
+)
+
+
+@contextlib.contextmanager
+def kernel_session() -> Iterator[KernelSession]:
+    """Run the notebooks started inside the block in one kernel (see :class:`KernelSession`)."""
+    session = KernelSession()
+    token = _SESSION.set(session)
+    try:
+        yield session
+    finally:
+        _SESSION.reset(token)
+        session.close()
 
 
 @dataclass(frozen=True)
@@ -292,8 +358,9 @@ class NotebookRunner:
             )
             started_at = datetime.now(UTC)
             t0 = time.perf_counter()
+            session = _SESSION.get()
             try:
-                kernel = self._kernel()
+                kernel = self._kernel(session)
             except KernelDiedError as exc:
                 outcome_status, message, retryable, kseconds = "kernel_died", str(exc), True, 0.0
                 outcome = None
@@ -309,7 +376,10 @@ class NotebookRunner:
                     cancel_event=cancel_event,
                     on_text=on_text,
                     on_progress=on_progress,
+                    keep=session is not None,
                 )
+                if outcome.kept and session is not None:
+                    session.keep(kernel)
                 outcome_status, message = outcome.status, outcome.message
                 retryable, kseconds = outcome.retryable, outcome.kernel_seconds
                 nb = outcome.notebook
@@ -393,7 +463,10 @@ class NotebookRunner:
                 time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _kernel(self) -> Kernel:
+    def _kernel(self, session: KernelSession | None = None) -> Kernel:
+        kept = session.take() if session is not None else None
+        if kept is not None:
+            return kept
         if self.pool is not None:
             return self.pool.acquire()
         return start_kernel(self.kernel_name)

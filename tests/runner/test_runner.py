@@ -22,7 +22,13 @@ from pipeline.errors import (
     NotebookError,
     NotebookTimeoutError,
 )
-from pipeline.runner import KernelPool, NotebookRunner, backoff_delay, start_kernel
+from pipeline.runner import (
+    KernelPool,
+    NotebookRunner,
+    backoff_delay,
+    kernel_session,
+    start_kernel,
+)
 from pipeline.runner.cache import cache_key, source_digest
 from pipeline.runner.kernels import busy_kernel_pids
 
@@ -231,6 +237,31 @@ def test_pool_warms_no_kernel_beyond_the_expected_notebooks() -> None:
             kernel.kill()
     with pytest.raises(ValueError, match="acquisitions"):
         KernelPool(0).expect(-1)
+
+
+def test_a_kernel_session_runs_notebooks_in_one_cleared_kernel(tmp_path, make_notebook):
+    nb = make_notebook()
+    with KernelPool(1, warmup=("numpy",)) as pool:
+        runner = NotebookRunner(tmp_path / "w", pool=pool, retry_attempts=1, backoff=0.01)
+        with kernel_session():
+            first = runner.run(nb, {"x": 1})
+            second = runner.run(nb, {"x": 2})
+            # a failed notebook's kernel is never reused: the retry and the next get new ones
+            with pytest.raises(NotebookCellError):
+                runner.run(nb, {"x": 3, "fail": "boom"})
+            third = runner.run(nb, {"x": 4})
+        outside = runner.run(nb, {"x": 5})
+    pids = [r.outputs["pid"] for r in (first, second, third, outside)]
+    assert pids[0] == pids[1]  # the second notebook ran in the first one's kernel
+    assert len({pids[1], pids[2], pids[3]}) == 3
+    # cleared in between: no name, no figure state, execution counts from 1 again
+    assert not any(r.outputs["leak"] for r in (first, second, third, outside))
+    executed = nbformat.read(second.attempts[-1].notebook, as_version=4)
+    counts = [c.execution_count for c in executed.cells if c.cell_type == "code"]
+    assert counts[0] == 1
+    assert second.outputs["numpy_preloaded"]
+    # the session's kernels are gone once it ends
+    assert _wait_gone(pids[2], 5) and _wait_gone(pids[0], 5)
 
 
 def test_kernels_use_ipc_and_run_concurrently(tmp_path, make_notebook):
