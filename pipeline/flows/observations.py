@@ -235,8 +235,8 @@ def observation_pipeline_flow(observation_data: dict) -> dict:
     run_id = flow_run_id()
     logger = get_run_logger()
     with _flow_body(), observation_slot(config.max_concurrent_flows):
-        # the steps share one kernel, cleared between notebooks (kernel_session): the
-        # run warms one kernel, not five; a retry or a failed step's successor gets a new one
+        # the steps share one kernel, cleared between notebooks (kernel_session), so the
+        # run needs one warm kernel; a retry or a failed step's successor starts its own
         expect_notebooks(config, 1)
         catalogue = get_catalogue(config)
         _record_run(

@@ -220,7 +220,7 @@ def execute_attempt(
     try:
         loop.run_until_complete(client.async_execute())
         outcome = AttemptOutcome("completed", nb)
-        if keep and not state["stopped"]:
+        if keep:  # a stop that arrives meanwhile is seen below, and the kernel killed
             kept = loop.run_until_complete(_reset(client))
     except CellTimeoutError as exc:
         outcome = AttemptOutcome(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.fft
@@ -182,14 +183,7 @@ def difference_pair(
             sigma_ref=float(np.median(pair.reference_rms[padded])),
             flux_new=ratio,
             flux_ref=1.0,
-            gain_new=pair.science_gain if source_noise else None,
-            gain_ref=pair.reference_gain if source_noise else None,
-            background_var_new=_fast_size(pair.science_rms[padded] ** 2, "edge")
-            if source_noise
-            else None,
-            background_var_ref=_fast_size(pair.reference_rms[padded] ** 2, "edge")
-            if source_noise
-            else None,
+            **(_source_noise(pair, padded) if source_noise else {}),
             astrometric_sigma=sigma_ast,
             backend=backend,
             fft_workers=1 if parallel else -1,
@@ -257,6 +251,16 @@ def difference_pair(
         seconds=time.perf_counter() - start,
         tiles=[(int(s[1][0].start), int(s[1][1].start)) for s in slices],
     )
+
+
+def _source_noise(pair: PreprocessedPair, tile: tuple[slice, slice]) -> dict[str, Any]:
+    """ZOGY's source-noise inputs for one tile: the gains and the background variances."""
+    return {
+        "gain_new": pair.science_gain,
+        "gain_ref": pair.reference_gain,
+        "background_var_new": _fast_size(pair.science_rms[tile] ** 2, "edge"),
+        "background_var_ref": _fast_size(pair.reference_rms[tile] ** 2, "edge"),
+    }
 
 
 def calibrate_flux_floor(

@@ -243,10 +243,8 @@ def zogy(
     source = None
     if own:  # the κ² spectra, over the gains, to weight the images' own spectra
         source = tuple(
-            None
-            if gain is None
-            else fft.rfft2_placed(small.squared(kernel) / gain, shape, *small.half)
-            for kernel, gain in ((small.kn, gain_new), (small.kr, gain_ref))
+            None if gain is None else fft.rfft2_placed(k2 / gain, shape, *small.half)
+            for k2, gain in ((small.kn2, gain_new), (small.kr2, gain_ref))
         )
     n_hat = fft.rfft2(new)
     r_hat = fft.rfft2(ref)
@@ -263,7 +261,7 @@ def zogy(
     f_s = _full_sum(fs_columns, shape[1]) / (shape[0] * shape[1])
 
     if own:
-        convolved = fft.full(shape, 0.0) if spec_v is None else fft.irfft2(spec_v, shape)
+        convolved = fft.irfft2(spec_v, shape)  # a gain is given: there is a source term
         del spec_v
         background = _background_terms(
             fft, small, sigma_new**2 if background_var_new is None else background_var_new,
@@ -325,8 +323,8 @@ def _background_terms(
     block, where they are cheap, rather than in whole-image passes here.
     """
     return tuple(
-        (float(kernels.squared(kernel).sum()), var if np.ndim(var) == 0 else fft.array(var))
-        for kernel, var in ((kernels.kn, var_new), (kernels.kr, var_ref))
+        (float(k2.sum()), var if np.ndim(var) == 0 else fft.array(var))
+        for k2, var in ((kernels.kn2, var_new), (kernels.kr2, var_ref))
     )
 
 
@@ -354,12 +352,9 @@ class _Kernels:
         self.kn = scipy.fft.irfft2(fn * fr**2 * np.conj(pn) * pr2 / den2, s=grid)
         self.kr = scipy.fft.irfft2(fr * fn**2 * np.conj(pr) * pn2 / den2, s=grid)
         self.p_d = scipy.fft.irfft2(fr * fn * pr * pn / (f_d * np.sqrt(den2)), s=grid)
+        # κ², the kernels of the variances through the matched filters
+        self.kn2, self.kr2 = self.kn * self.kn, self.kr * self.kr
         self.half = (grid[0] // 2, grid[1] // 2)  # the small grid's centre, for placing
-
-    @staticmethod
-    def squared(kernel: np.ndarray) -> np.ndarray:
-        """κ², the kernel of a variance through the matched filter κ."""
-        return kernel * kernel
 
 
 def _spectra(
@@ -531,8 +526,7 @@ def _convolved_variance(
     """V(S_N) + V(S_R): each image's variance map convolved with its kernel squared."""
     constant = 0.0
     spectrum = None
-    for kernel, var in ((kernels.kn, var_new), (kernels.kr, var_ref)):
-        k2 = kernels.squared(kernel)
+    for k2, var in ((kernels.kn2, var_new), (kernels.kr2, var_ref)):
         if np.ndim(var) == 0:
             constant += float(var) * float(k2.sum())
         else:
@@ -607,8 +601,7 @@ class _NumpyFFT:
         block once each block is read: four fresh half-planes would cost more in first
         touches of new memory (page faults) than the arithmetic that fills them.
         """
-        wanted = source is not None and any(w is not None for w in source)
-        outputs = [n_hat, r_hat, pn, pr][: 4 if wanted else 3]
+        outputs = [n_hat, r_hat, pn, pr][: 3 if source is None else 4]
 
         def block(rows: slice) -> np.ndarray:
             weights = None if source is None else tuple(_rows_of(w, rows) for w in source)
@@ -621,7 +614,7 @@ class _NumpyFFT:
             return integrand.sum(axis=0, dtype=np.float64)
 
         columns = self._map(block, _row_blocks(n_hat.shape[0], self._rows(n_hat)))
-        spec_v = outputs[3] if wanted else None
+        spec_v = None if source is None else outputs[3]
         return (*outputs[:3], spec_v, np.sum(columns, axis=0))
 
     def scores(
