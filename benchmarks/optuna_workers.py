@@ -16,8 +16,9 @@ Usage::
     python benchmarks/optuna_workers.py --width 4 --batch-size 32   # a smaller network
 
 What bounds the ratio: torch's second thread already speeds one process up (on
-this 2-core machine about 1.4x for the default network, 1.2x for width 4 with
-batches of 32), and two processes cannot do better than 2x.
+this 2-core machine about 1.3x for a default-network trial: 2.7 s against 3.4 s),
+two processes cannot do better than 2x, and the second one starts about 3 s late
+(it imports torch and reads the dataset), which counts with trials this short.
 """
 
 from __future__ import annotations

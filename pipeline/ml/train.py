@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import expit
 from torch import nn
 
 from pipeline.ml.data import CandidateDataset
@@ -138,7 +139,7 @@ class TrainedModel:
     def predict_proba(self, triplets: np.ndarray) -> np.ndarray:
         """Calibrated probability that each candidate is real."""
         logits = predict_logits(self.net, triplets)
-        return 1.0 / (1.0 + np.exp(-logits / self.temperature))
+        return expit(logits / self.temperature)
 
     def save(self, path: str | Path) -> Path:
         """Write weights, settings and calibration to one file (``torch.save``)."""
@@ -295,7 +296,7 @@ def train_model(
             scheduler.step()
             total += float(loss.detach()) * len(index)
         logits = _logits(net, x_val)
-        val_loss = binary_nll(1.0 / (1.0 + np.exp(-logits)), val.label)
+        val_loss = binary_nll(expit(logits), val.label)
         val_auc = roc_auc(logits, val.label)
         metrics = {
             "train_loss": total / len(order),
