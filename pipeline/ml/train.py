@@ -167,7 +167,9 @@ def load_model(path: str | Path) -> TrainedModel:
     """Read a model written by ``TrainedModel.save``."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
     # Models saved before the head was a setting pooled globally.
-    config = TrainConfig.from_dict({"head": "pool", **state["config"]})
+    # Models saved before the head was a setting pooled globally; before orientation was
+    # a setting, none was oriented.
+    config = TrainConfig.from_dict({"head": "pool", "orient": False, **state["config"]})
     net = RealBogusNet(config.model)
     net.load_state_dict(state["state_dict"])
     net.eval()
@@ -188,11 +190,12 @@ def predict_logits(net: nn.Module, triplets: np.ndarray, batch_size: int = 256) 
     and fed in ``channels_last`` layout, the fast one for CPU and GPU convolutions.
     """
     device = next(net.parameters()).device
+    orient = bool(getattr(getattr(net, "config", None), "orient", False))
     net.eval().to(memory_format=torch.channels_last)
     out = []
     with torch.inference_mode():
         for start in range(0, len(triplets), batch_size):
-            x = normalise_triplets(triplets[start : start + batch_size])
+            x = normalise_triplets(triplets[start : start + batch_size], orient=orient)
             batch = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
             out.append(net(batch).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
@@ -259,8 +262,9 @@ def train_model(
             )
         net.load_state_dict(initial.net.state_dict())
     net = net.to(device).to(memory_format=torch.channels_last)
-    x_train = torch.from_numpy(normalise_triplets(train.triplets))
-    x_val = normalise_triplets(val.triplets)  # once, not every epoch
+    orient = config.model.orient
+    x_train = torch.from_numpy(normalise_triplets(train.triplets, orient=orient))
+    x_val = normalise_triplets(val.triplets, orient=orient)  # once, not every epoch
     y_train = torch.from_numpy(train.label.astype(np.float32))
     positives = float(y_train.sum())
     # Real candidates are the minority: weight them so both classes count equally.

@@ -47,21 +47,55 @@ def test_normalisation_removes_flux_units_and_handles_empty_stamps():
 
 @pytest.mark.parametrize("size", [63, 64, 21])
 def test_normalisation_medians_are_numpys(size: int) -> None:
-    """The sort-based medians give np.median's values exactly, odd and even samples."""
+    """The sort-based medians give np.nanmedian's over the valid pixels exactly."""
     rng = np.random.default_rng(size)
     stamps = rng.normal(50, 8, (40, 3, size, size)).astype(np.float32)
     stamps[3, 0, 4, 4], stamps[5, 2, 0, 0], stamps[6, 1, 9, 9] = np.nan, np.inf, -np.inf
-    stamps[7, 2] = 0.0  # flat: the spread fallback
-    x = np.nan_to_num(stamps, nan=0.0, posinf=0.0, neginf=0.0)
-    sample = x[:, :, ::2, ::2].reshape(40, 3, -1)
-    median = np.median(sample, axis=2)
-    sigma = 1.4826 * np.median(np.abs(sample - median[..., None]), axis=2)
-    fallback = sample.std(axis=2)
+    stamps[7, 2] = 0.0  # flat: no valid pixel, the stamp stays 0
+    stamps[8, 1, :, : size // 2] = 0.0  # half masked
+    stamps[9, 0, ::2, ::2] = 0.0  # every sampled pixel masked: the spread fallback
+    valid = np.isfinite(stamps) & (stamps != 0)
+    x = np.where(valid, stamps, np.float32(0.0))
+    sample = np.where(valid, x, np.nan)[:, :, ::2, ::2].reshape(40, 3, -1)
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        median = np.nan_to_num(np.nanmedian(sample, axis=2))
+        sigma = np.nan_to_num(1.4826 * np.nanmedian(np.abs(sample - median[..., None]), axis=2))
+        fallback = np.nan_to_num(np.nanstd(sample, axis=2))
     sigma = np.where(sigma > 0, sigma, np.where(fallback > 0, fallback, 1.0))
     x -= median[..., None, None]
     x *= (1.0 / (3.0 * sigma))[..., None, None].astype(np.float32)
+    x[~valid] = 0.0
     expected = np.arcsinh(np.clip(x, -1000 / 3.0, 1000 / 3.0))
-    np.testing.assert_array_equal(normalise_triplets(stamps), expected)
+    np.testing.assert_allclose(normalise_triplets(stamps), expected, rtol=2e-6, atol=2e-6)
+
+
+def test_masked_pixels_do_not_set_the_noise_scale():
+    """A stamp half under a saturation mask keeps the noise scale of its other half."""
+    rng = np.random.default_rng(5)
+    stamps = rng.normal(0, 5, (2, 3, 63, 63)).astype(np.float32)
+    stamps[1, :, :, :35] = 0.0  # masked (0 in the preprocessed images)
+    out = normalise_triplets(stamps)
+    significance = 3 * np.sinh(out)
+    assert np.std(significance[0]) == pytest.approx(1.0, rel=0.06)
+    for channel in range(3):
+        # counting the zeros would put σ near 0 and the unmasked half at tens of σ
+        assert np.std(significance[1, channel, :, 35:]) == pytest.approx(1.0, rel=0.08)
+    assert np.all(out[1, :, :, :35] == 0)
+
+
+def test_orientation_shows_a_faded_source_as_a_new_one():
+    """With ``orient``, (sci, ref, −diff) of a vanished source reads as a brightening."""
+    rng = np.random.default_rng(6)
+    yy, xx = np.mgrid[:63, :63]
+    star = 400.0 * np.exp(-((xx - 31) ** 2 + (yy - 31) ** 2) / (2 * 2.0**2))
+    noise = rng.normal(0, 5, (3, 63, 63))
+    new = np.stack([noise[0] + star, noise[1], noise[2] + star]).astype(np.float32)
+    faded = np.stack([noise[1], noise[0] + star, -(noise[2] + star)]).astype(np.float32)
+    both = np.stack([new, faded])
+    plain, oriented = normalise_triplets(both), normalise_triplets(both, orient=True)
+    np.testing.assert_array_equal(oriented[0], plain[0])  # a brightening is left alone
+    np.testing.assert_allclose(oriented[1], plain[0], atol=1e-6)  # the faded one turned
+    assert oriented[1, 2, 31, 31] > 2 and plain[1, 2, 31, 31] < -2
 
 
 def test_network_shape_and_size():
@@ -138,7 +172,8 @@ def test_batched_prediction_matches_one_pass():
     torch.manual_seed(0)
     net = RealBogusNet(ModelConfig(width=4, dense=8)).eval()
     stamps = np.random.default_rng(4).normal(0, 3, (10, 3, 63, 63)).astype(np.float32)
-    whole = _logits(net, normalise_triplets(stamps), batch_size=64)
+    assert net.config.orient  # the default: fading candidates are turned
+    whole = _logits(net, normalise_triplets(stamps, orient=True), batch_size=64)
     np.testing.assert_allclose(predict_logits(net, stamps, batch_size=3), whole, atol=1e-5)
 
 
@@ -170,3 +205,4 @@ def test_position_aware_head_and_models_saved_before_it(tmp_path):
     torch.save(old, tmp_path / "old.pt")
     loaded = load_model(tmp_path / "old.pt")
     assert loaded.config.model.head == "pool" and loaded.temperature == 1.5
+    assert loaded.config.model.orient is False  # saved before orientation: not oriented
