@@ -57,8 +57,8 @@ class ModelConfig:
     orient : bool
         Show fading candidates as brightening ones (``normalise_triplets(orient=True)``):
         what appeared in the science image and what vanished from the reference are one
-        pattern to learn, and the fading tenth of the transients gets the other nine
-        tenths' examples.
+        pattern to learn, and the (rarer) fading transients share the brightening ones'
+        examples. Models saved before this setting existed load with it off.
     """
 
     width: int = 8
