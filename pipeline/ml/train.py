@@ -166,7 +166,6 @@ class TrainedModel:
 def load_model(path: str | Path) -> TrainedModel:
     """Read a model written by ``TrainedModel.save``."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
-    # Models saved before the head was a setting pooled globally.
     # Models saved before the head was a setting pooled globally; before orientation was
     # a setting, none was oriented.
     config = TrainConfig.from_dict({"head": "pool", "orient": False, **state["config"]})
@@ -183,19 +182,18 @@ def load_model(path: str | Path) -> TrainedModel:
     )
 
 
-def predict_logits(net: nn.Module, triplets: np.ndarray, batch_size: int = 256) -> np.ndarray:
+def predict_logits(net: RealBogusNet, triplets: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Raw logits for raw (un-normalised) triplets, in eval mode on the net's device.
 
     Batches are normalised one at a time (cache-sized work, no full-size temporaries)
     and fed in ``channels_last`` layout, the fast one for CPU and GPU convolutions.
     """
     device = next(net.parameters()).device
-    orient = bool(getattr(getattr(net, "config", None), "orient", False))
     net.eval().to(memory_format=torch.channels_last)
     out = []
     with torch.inference_mode():
         for start in range(0, len(triplets), batch_size):
-            x = normalise_triplets(triplets[start : start + batch_size], orient=orient)
+            x = normalise_triplets(triplets[start : start + batch_size], orient=net.config.orient)
             batch = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
             out.append(net(batch).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
