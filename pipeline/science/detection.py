@@ -11,6 +11,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from pipeline.science.differencing import Difference
+from pipeline.science.masks import principal_axes
 from pipeline.science.preprocessing import FATAL, REPAIRED, MaskBit, PreprocessedPair
 
 __all__ = ["CandidateFlag", "NoDetectionsWarning", "detect_candidates", "find_peaks"]
@@ -106,14 +107,9 @@ def _shape(image: np.ndarray, y: int, x: int, half: int) -> tuple[float, float]:
     total = cut.sum()
     if total <= 0:
         return float("nan"), float("nan")
-    yy, xx = np.mgrid[y0:y1, x0:x1]
-    my, mx = (cut * yy).sum() / total, (cut * xx).sum() / total
-    cyy = (cut * (yy - my) ** 2).sum() / total
-    cxx = (cut * (xx - mx) ** 2).sum() / total
-    cxy = (cut * (yy - my) * (xx - mx)).sum() / total
-    root = np.sqrt(max(((cxx - cyy) / 2) ** 2 + cxy**2, 0.0))
-    major = (cxx + cyy) / 2 + root
-    minor = max((cxx + cyy) / 2 - root, 1e-6)
+    # offsets from the peak, not absolute pixels: the moments keep their precision
+    yy, xx = (a.ravel().astype(np.float64) for a in np.mgrid[y0 - y : y1 - y, x0 - x : x1 - x])
+    (major,), (minor,) = principal_axes(cut.reshape(1, -1), yy, xx)
     return float(2.3548 * np.sqrt(np.sqrt(major * minor))), float(np.sqrt(major / minor))
 
 

@@ -316,21 +316,40 @@ def bad_column_mask(
     return dilate_square(hit, 1)
 
 
+def principal_axes(
+    light: np.ndarray, dy: np.ndarray, dx: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Variances along the major and minor axes of light distributions.
+
+    Parameters
+    ----------
+    light : ndarray, shape (n, k)
+        Non-negative weights of k pixels, one distribution per row.
+    dy, dx : ndarray, shape (k,)
+        The pixels' coordinates.
+
+    Returns
+    -------
+    tuple of ndarray, shape (n,)
+        Major and minor variances (pixels²; the minor one at least 1e-6).
+    """
+    light = np.asarray(light, dtype=np.float64)
+    total = np.maximum(light.sum(axis=1), 1e-12)
+    my, mx = light @ dy / total, light @ dx / total
+    cyy = light @ (dy * dy) / total - my**2
+    cxx = light @ (dx * dx) / total - mx**2
+    cxy = light @ (dx * dy) / total - mx * my
+    root = np.sqrt(np.maximum(((cxx - cyy) / 2) ** 2 + cxy**2, 0.0))
+    return (cxx + cyy) / 2 + root, np.maximum((cxx + cyy) / 2 - root, 1e-6)
+
+
 def _elongation(
     image: np.ndarray, background: np.ndarray, ys: np.ndarray, xs: np.ndarray
 ) -> np.ndarray:
     """Axis ratio of the light above the background in the 5×5 window of each pixel."""
-    window = _gather(image, ys, xs, 2) - background[ys, xs][:, None]
-    light = np.clip(window, 0, None).astype(np.float64)
+    light = np.clip(_gather(image, ys, xs, 2) - background[ys, xs][:, None], 0, None)
     dy, dx = (a.ravel().astype(np.float64) for a in np.mgrid[-2:3, -2:3])
-    total = np.maximum(light.sum(axis=1), 1e-12)
-    my, mx = light @ dy / total, light @ dx / total
-    cyy = light @ dy**2 / total - my**2
-    cxx = light @ dx**2 / total - mx**2
-    cxy = light @ (dx * dy) / total - mx * my
-    root = np.sqrt(np.maximum(((cxx - cyy) / 2) ** 2 + cxy**2, 0.0))
-    major = (cxx + cyy) / 2 + root
-    minor = np.maximum((cxx + cyy) / 2 - root, 1e-6)
+    major, minor = principal_axes(light, dy, dx)
     return np.sqrt(major / minor)
 
 
