@@ -182,3 +182,73 @@ def test_repaired_share_is_the_matched_filter_weight_on_repaired_pixels() -> Non
     assert share[1] == pytest.approx(weight[:, 14].sum())  # two columns off
     assert share[2] == 0.0
     assert share[0] > 0.1 > share[1]
+
+
+def _stamp_at(psf: np.ndarray, x: float, y: float, shape: tuple[int, int]) -> np.ndarray:
+    """``psf`` (odd, centred, sum 1) shifted to (x, y) on an empty image of ``shape``."""
+    from scipy import ndimage
+
+    image = np.zeros(shape)
+    half = psf.shape[0] // 2
+    ix, iy = round(x), round(y)
+    image[iy - half : iy + half + 1, ix - half : ix + half + 1] = ndimage.shift(
+        psf, (y - iy, x - ix), order=3
+    )
+    return image
+
+
+@pytest.mark.parametrize("width", [1.0, 2.5])
+def test_faint_peaks_measure_their_own_width_not_the_noise(
+    make_pair, tan_wcs, width: float
+) -> None:
+    """S/N 8 sources in a sharp-seeing difference: point sources measure the PSF's FWHM
+    and pass the validation's shape cuts; sources 2.5 times wider mostly fail them.
+
+    Unweighted moments of the positive part of a box measured point sources like these
+    at about twice the PSF's width (the noise's positive half spread over the box), so
+    the validation's shape cut threw out real transients in sharp images.
+    """
+    fwhm, sigma = 2.8, 1.0
+    psf = moffat_psf(25, fwhm, 3.0)
+    source = moffat_psf(25, width * fwhm, 3.0) if width > 1 else psf
+    rng = np.random.default_rng(7)
+    xs, ys = np.meshgrid(np.arange(20.0, 110.0, 16.0), np.arange(20.0, 110.0, 16.0))
+    xs, ys = (
+        xs.ravel() + rng.uniform(-0.5, 0.5, xs.size),
+        ys.ravel() + rng.uniform(-0.5, 0.5, ys.size),
+    )
+    flux = 8.0 * sigma / np.sqrt(np.sum(source**2))  # S/N 8 in its own matched filter
+    image = sum(_stamp_at(source, x, y, SHAPE) for x, y in zip(xs, ys, strict=True)) * flux
+    image = image + rng.normal(0.0, sigma, SHAPE)
+    score = sum(gaussian_bump(x, y, 8.0) for x, y in zip(xs, ys, strict=True))
+    pair = make_pair(
+        np.zeros(SHAPE),
+        np.zeros(SHAPE),
+        psf_science=psf,
+        psf_reference=psf,
+        sigma_science=sigma,
+        sigma_reference=sigma,
+        wcs=tan_wcs(SHAPE),
+    )
+    diff = Difference(
+        D=image.astype(np.float32),
+        S=score.astype(np.float32),
+        S_corr=score.astype(np.float32),
+        alpha=image.astype(np.float32),
+        alpha_err=np.ones(SHAPE, dtype=np.float32),
+        P_D=psf.astype(np.float32),
+        F_D=1.0,
+        invalid=np.zeros(SHAPE, dtype=bool),
+        scorr_scale=1.0,
+        backend="numpy",
+    )
+    table = detect_candidates(diff, pair)
+    assert len(table) == xs.size
+    ratio = np.asarray(table["fwhm"]) / measure_fwhm(psf)
+    elongation = np.asarray(table["elongation"])
+    if width == 1.0:  # every one passes the validation's default cuts (0.5-2 FWHM, 2)
+        assert 0.9 < np.median(ratio) < 1.15
+        assert np.all((ratio > 0.5) & (ratio < 2.0))
+        assert np.all(elongation < 2.0)
+    else:  # wider than 2 FWHM, or too diffuse to measure (NaN): the shape cut's reject
+        assert np.mean(~(ratio <= 2.0)) > 0.7
