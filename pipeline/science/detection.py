@@ -19,6 +19,8 @@ __all__ = ["CandidateFlag", "NoDetectionsWarning", "detect_candidates", "find_pe
 
 # the widest a peak is measured, in PSF widths (a larger second moment is noise or extended)
 _WIDEST = 5.0
+# the smallest second moment (pixels²) a peak is measured with
+_NARROWEST = 1e-6
 
 
 class NoDetectionsWarning(UserWarning):
@@ -124,12 +126,14 @@ def _shape(image: np.ndarray, y: int, x: int, fwhm: float) -> tuple[float, float
     if light.sum() <= 0:
         return float("nan"), float("nan")
     (v_major,), (v_minor,) = principal_axes(light.reshape(1, -1), yy, xx)
+    # the signed noise can leave a variance at or below zero: narrower than measurable
+    v_major = max(float(v_major), _NARROWEST)
+    v_minor = min(max(float(v_minor), _NARROWEST), v_major)
     widest = _WIDEST**2 * w2
     major, minor = (
         widest if v >= w2 * widest / (w2 + widest) else v * w2 / (w2 - v)
         for v in (v_major, v_minor)
     )
-    minor = max(minor, 1e-6)
     return float(2.3548 * np.sqrt(np.sqrt(major * minor))), float(np.sqrt(v_major / v_minor))
 
 

@@ -252,3 +252,26 @@ def test_faint_peaks_measure_their_own_width_not_the_noise(
         assert np.all(elongation < 2.0)
     else:  # wider than 2 FWHM, or too diffuse to measure (NaN): the shape cut's reject
         assert np.mean(~(ratio <= 2.0)) > 0.7
+
+
+def test_a_peak_with_negative_second_moments_measures_as_too_sharp(make_pair, tan_wcs) -> None:
+    """A spike in a negative ring: the signed moments go below zero, not to NaN or a warning."""
+    image = np.zeros(SHAPE)
+    yy, xx = np.indices(SHAPE)
+    ring = np.abs(np.hypot(yy - 64, xx - 64) - 3.0) < 0.5
+    image[ring] = -1.0
+    image[64, 64] = 40.0
+    score = gaussian_bump(64.0, 64.0, 9.0)
+    pair = make_pair(
+        np.zeros(SHAPE), np.zeros(SHAPE), psf_science=PSF, psf_reference=PSF,
+        sigma_science=1.0, sigma_reference=1.0, wcs=tan_wcs(SHAPE),
+    )  # fmt: skip
+    diff = Difference(
+        D=image.astype(np.float32), S=score.astype(np.float32), S_corr=score.astype(np.float32),
+        alpha=image.astype(np.float32), alpha_err=np.ones(SHAPE, dtype=np.float32),
+        P_D=PSF.astype(np.float32), F_D=1.0, invalid=np.zeros(SHAPE, dtype=bool),
+        scorr_scale=1.0, backend="numpy",
+    )  # fmt: skip
+    (row,) = detect_candidates(diff, pair)
+    assert 0 < row["fwhm"] < 0.5 * measure_fwhm(PSF)  # the shape cut's "sharper than a PSF"
+    assert np.isfinite(row["elongation"]) and row["elongation"] >= 1.0
