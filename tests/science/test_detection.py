@@ -21,6 +21,8 @@ from pipeline.science.psfmodel import moffat_psf
 SHAPE = (128, 128)
 FWHM = 3.0
 PSF = moffat_psf(25, FWHM, 3.0)
+FWHM_SHARP = 2.8  # a sharp-seeing difference
+PSF_SHARP = moffat_psf(25, FWHM_SHARP, 3.0)
 
 
 def test_find_peaks_returns_both_signs_above_threshold_strongest_first() -> None:
@@ -44,6 +46,24 @@ def gaussian_bump(x0: float, y0: float, amplitude: float) -> np.ndarray:
     sigma = FWHM / 2.3548
     yy, xx = np.indices(SHAPE)
     return amplitude * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
+
+
+def _difference(
+    d: np.ndarray, score: np.ndarray, alpha: np.ndarray, err: float, psf: np.ndarray = PSF
+) -> Difference:
+    """A Difference with ``score`` as S and S_corr, a constant α error and D's PSF ``psf``."""
+    return Difference(
+        D=d.astype(np.float32),
+        S=score.astype(np.float32),
+        S_corr=score.astype(np.float32),
+        alpha=alpha.astype(np.float32),
+        alpha_err=np.full(SHAPE, err, dtype=np.float32),
+        P_D=psf.astype(np.float32),
+        F_D=1.0,
+        invalid=np.zeros(SHAPE, dtype=bool),
+        scorr_scale=1.0,
+        backend="numpy",
+    )
 
 
 # (x, y, S/N, expected flags); the masks and the reference source below go with them
@@ -82,18 +102,7 @@ def detected(make_pair, tan_wcs):
         wcs=wcs,
         reference_sources=reference_sources,
     )
-    diff = Difference(
-        D=score.astype(np.float32),
-        S=score.astype(np.float32),
-        S_corr=score.astype(np.float32),
-        alpha=(100.0 * score).astype(np.float32),  # 100 ADU per σ
-        alpha_err=np.full(SHAPE, 100.0, dtype=np.float32),
-        P_D=PSF.astype(np.float32),
-        F_D=1.0,
-        invalid=np.zeros(SHAPE, dtype=bool),
-        scorr_scale=1.0,
-        backend="numpy",
-    )
+    diff = _difference(score, score, 100.0 * score, 100.0)  # alpha: 100 ADU per σ
     return detect_candidates(diff, pair), pair
 
 
@@ -184,22 +193,9 @@ def test_repaired_share_is_the_matched_filter_weight_on_repaired_pixels() -> Non
     assert share[0] > 0.1 > share[1]
 
 
-def _stamp_at(psf: np.ndarray, x: float, y: float, shape: tuple[int, int]) -> np.ndarray:
-    """``psf`` (odd, centred, sum 1) shifted to (x, y) on an empty image of ``shape``."""
-    from scipy import ndimage
-
-    image = np.zeros(shape)
-    half = psf.shape[0] // 2
-    ix, iy = round(x), round(y)
-    image[iy - half : iy + half + 1, ix - half : ix + half + 1] = ndimage.shift(
-        psf, (y - iy, x - ix), order=3
-    )
-    return image
-
-
 @pytest.mark.parametrize("width", [1.0, 2.5])
 def test_faint_peaks_measure_their_own_width_not_the_noise(
-    make_pair, tan_wcs, width: float
+    make_pair, tan_wcs, grid_positions, render_stars, width: float
 ) -> None:
     """S/N 8 sources in a sharp-seeing difference: point sources measure the PSF's FWHM
     and pass the validation's shape cuts; sources 2.5 times wider mostly fail them.
@@ -208,43 +204,20 @@ def test_faint_peaks_measure_their_own_width_not_the_noise(
     at about twice the PSF's width (the noise's positive half spread over the box), so
     the validation's shape cut threw out real transients in sharp images.
     """
-    fwhm, sigma = 2.8, 1.0
-    psf = moffat_psf(25, fwhm, 3.0)
-    source = moffat_psf(25, width * fwhm, 3.0) if width > 1 else psf
-    rng = np.random.default_rng(7)
-    xs, ys = np.meshgrid(np.arange(20.0, 110.0, 16.0), np.arange(20.0, 110.0, 16.0))
-    xs, ys = (
-        xs.ravel() + rng.uniform(-0.5, 0.5, xs.size),
-        ys.ravel() + rng.uniform(-0.5, 0.5, ys.size),
-    )
+    sigma = 1.0
+    xs, ys = grid_positions(SHAPE, 16.0, margin=20.0, jitter=0.5, seed=7)
+    source = moffat_psf(25, width * FWHM_SHARP, 3.0)
     flux = 8.0 * sigma / np.sqrt(np.sum(source**2))  # S/N 8 in its own matched filter
-    image = sum(_stamp_at(source, x, y, SHAPE) for x, y in zip(xs, ys, strict=True)) * flux
-    image = image + rng.normal(0.0, sigma, SHAPE)
+    image = render_stars(SHAPE, xs, ys, np.full(xs.size, flux), width * FWHM_SHARP)
+    image += np.random.default_rng(7).normal(0.0, sigma, SHAPE)
     score = sum(gaussian_bump(x, y, 8.0) for x, y in zip(xs, ys, strict=True))
     pair = make_pair(
-        np.zeros(SHAPE),
-        np.zeros(SHAPE),
-        psf_science=psf,
-        psf_reference=psf,
-        sigma_science=sigma,
-        sigma_reference=sigma,
-        wcs=tan_wcs(SHAPE),
-    )
-    diff = Difference(
-        D=image.astype(np.float32),
-        S=score.astype(np.float32),
-        S_corr=score.astype(np.float32),
-        alpha=image.astype(np.float32),
-        alpha_err=np.ones(SHAPE, dtype=np.float32),
-        P_D=psf.astype(np.float32),
-        F_D=1.0,
-        invalid=np.zeros(SHAPE, dtype=bool),
-        scorr_scale=1.0,
-        backend="numpy",
-    )
-    table = detect_candidates(diff, pair)
+        np.zeros(SHAPE), np.zeros(SHAPE), psf_science=PSF_SHARP, psf_reference=PSF_SHARP,
+        sigma_science=sigma, sigma_reference=sigma, wcs=tan_wcs(SHAPE),
+    )  # fmt: skip
+    table = detect_candidates(_difference(image, score, image, 1.0, PSF_SHARP), pair)
     assert len(table) == xs.size
-    ratio = np.asarray(table["fwhm"]) / measure_fwhm(psf)
+    ratio = np.asarray(table["fwhm"]) / measure_fwhm(PSF_SHARP)
     elongation = np.asarray(table["elongation"])
     if width == 1.0:  # every one passes the validation's default cuts (0.5-2 FWHM, 2)
         assert 0.9 < np.median(ratio) < 1.15
@@ -266,12 +239,6 @@ def test_a_peak_with_negative_second_moments_measures_as_too_sharp(make_pair, ta
         np.zeros(SHAPE), np.zeros(SHAPE), psf_science=PSF, psf_reference=PSF,
         sigma_science=1.0, sigma_reference=1.0, wcs=tan_wcs(SHAPE),
     )  # fmt: skip
-    diff = Difference(
-        D=image.astype(np.float32), S=score.astype(np.float32), S_corr=score.astype(np.float32),
-        alpha=image.astype(np.float32), alpha_err=np.ones(SHAPE, dtype=np.float32),
-        P_D=PSF.astype(np.float32), F_D=1.0, invalid=np.zeros(SHAPE, dtype=bool),
-        scorr_scale=1.0, backend="numpy",
-    )  # fmt: skip
-    (row,) = detect_candidates(diff, pair)
+    (row,) = detect_candidates(_difference(image, score, image, 1.0), pair)
     assert 0 < row["fwhm"] < 0.5 * measure_fwhm(PSF)  # the shape cut's "sharper than a PSF"
     assert np.isfinite(row["elongation"]) and row["elongation"] >= 1.0
