@@ -89,6 +89,27 @@ class AttemptOutcome:
     kept: bool = False
 
 
+class _AttemptLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
+    """An event loop that leaves the process's signal handlers as they are.
+
+    nbclient puts its own SIGINT and SIGTERM handlers on the loop while a notebook runs
+    (they only close the kernel) and afterwards sets both to the system default. A stop
+    signal then never reached the handler the process had (Prefect's, which turns a
+    cancel's SIGTERM into an exception so the run can record it), and between two
+    notebooks it killed the process outright: the interrupted notebook was lost and the
+    cancel could not be acknowledged. nbclient treats the ``RuntimeError`` raised here
+    as "no signals on this loop" (what it gets outside the main thread).
+    """
+
+    def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
+        """Refuse: signals stay with the process's own handlers."""
+        raise RuntimeError("signal handlers stay with the process, not the notebook's loop")
+
+    def remove_signal_handler(self, sig: int) -> bool:
+        """Refuse, as :meth:`add_signal_handler` (nothing was added)."""
+        raise RuntimeError("signal handlers stay with the process, not the notebook's loop")
+
+
 class _StreamingClient(NotebookClient):  # type: ignore[misc]
     """nbclient's client with live output, per-cell progress and a working directory."""
 
@@ -215,7 +236,7 @@ def execute_attempt(
     guard = threading.Thread(target=watchdog, name="astr-notebook-watchdog", daemon=True)
     guard.start()
     outcome: AttemptOutcome
-    loop = asyncio.new_event_loop()
+    loop = _AttemptLoop()
     kept = False
     try:
         loop.run_until_complete(client.async_execute())

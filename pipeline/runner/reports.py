@@ -17,7 +17,13 @@ from nbconvert.filters.highlight import Highlight2HTML
 from nbconvert.filters.strings import clean_html
 from nbconvert.filters.widgetsdatatypefilter import WidgetsDataTypeFilter
 
-__all__ = ["ATTEMPT_STATUSES", "mark_notebook", "strip_ansi", "write_report"]
+__all__ = [
+    "ATTEMPT_STATUSES",
+    "mark_notebook",
+    "strip_ansi",
+    "write_report",
+    "write_report_shielded",
+]
 
 #: How an attempt can end.
 ATTEMPT_STATUSES = ("completed", "failed", "cancelled", "timed_out", "kernel_died")
@@ -84,6 +90,55 @@ def write_report(nb: nbformat.NotebookNode, notebook_path: Path, html_path: Path
     """
     _atomic_write(notebook_path, nbformat.writes(nb))
     _atomic_write(html_path, _render_html(nb))
+
+
+def write_report_shielded(
+    nb: nbformat.NotebookNode, notebook_path: Path, html_path: Path
+) -> BaseException | None:
+    """Write the report (see :func:`write_report`) to the end, even while being stopped.
+
+    Python raises a signal handler's exception in the main thread, wherever it is: the
+    orchestrator's SIGTERM on a cancel (which Prefect turns into ``TerminationSignal``),
+    or Ctrl-C. Arriving during the second it takes to render the HTML, it would leave
+    the attempt with no notebook at all. Here the writing runs in a helper thread,
+    which no signal interrupts, while this thread waits for it.
+
+    Returns
+    -------
+    BaseException or None
+        What interrupted the wait, for the caller to raise once its records are kept.
+
+    Raises
+    ------
+    OSError
+        The report could not be written (and nothing interrupted the wait).
+    """
+    failure: list[BaseException] = []
+    written = threading.Event()
+
+    def write() -> None:
+        try:
+            write_report(nb, notebook_path, html_path)
+        except BaseException as exc:  # handed to the waiting thread
+            failure.append(exc)
+        finally:
+            written.set()
+
+    writer = threading.Thread(target=write, name="astr-report", daemon=True)
+    interrupt: BaseException | None = None
+    try:
+        writer.start()  # returns once the thread runs: a signal can land in here too
+    except BaseException as exc:
+        interrupt = exc
+    while not written.is_set():
+        try:
+            if not written.wait(1.0) and not writer.is_alive() and not written.is_set():
+                write()  # the interrupt came before the thread could start
+        except BaseException as exc:  # a signal handler raised here: finish first
+            interrupt = interrupt or exc
+    if failure and interrupt is None:
+        raise failure[0]
+    return interrupt
 
 
 class ReportExporter(HTMLExporter):

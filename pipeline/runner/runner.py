@@ -39,7 +39,7 @@ from pipeline.errors import (
 from pipeline.runner.cache import RunCache, cache_key, directory_checksums
 from pipeline.runner.execute import ProgressCallback, TextCallback, execute_attempt
 from pipeline.runner.kernels import Kernel, KernelPool, start_kernel
-from pipeline.runner.reports import mark_notebook, write_report
+from pipeline.runner.reports import mark_notebook, write_report_shielded
 from pipeline.store.storage import sha256_file
 
 __all__ = [
@@ -359,11 +359,18 @@ class NotebookRunner:
             started_at = datetime.now(UTC)
             t0 = time.perf_counter()
             session = _SESSION.get()
+            interrupt: BaseException | None = None
             try:
                 kernel = self._kernel(session)
             except KernelDiedError as exc:
                 outcome_status, message, retryable, kseconds = "kernel_died", str(exc), True, 0.0
                 outcome = None
+            except BaseException as exc:  # stopped while waiting for a kernel: record it
+                if isinstance(exc, Exception):
+                    raise
+                outcome_status, retryable, kseconds = "cancelled", False, 0.0
+                message = f"the run was stopped before the notebook started ({type(exc).__name__})"
+                outcome, interrupt = None, exc
             else:
                 wait_total += time.perf_counter() - t0
                 deadline = time.monotonic() + limit if limit else None
@@ -422,13 +429,15 @@ class NotebookRunner:
                     "seconds": round(record.seconds, 3),
                 },
             )
-            write_report(nb, record.notebook, record.html)
+            stopped = write_report_shielded(nb, record.notebook, record.html)
             report_total += time.perf_counter() - t_report
             attempts.append(record)
             if on_attempt is not None:
                 on_attempt(record)
             if outcome is not None and outcome.interrupt is not None:
-                raise outcome.interrupt
+                interrupt = outcome.interrupt
+            if interrupt is not None or stopped is not None:
+                raise interrupt or stopped  # type: ignore[misc]
             if outputs is not None:
                 wall = time.perf_counter() - began
                 result = NotebookResult(

@@ -200,6 +200,107 @@ def test_cancel_stops_the_kernel_and_marks_the_partial_notebook(runner, make_not
     assert "started" in attempt.notebook.read_text()  # the output so far is kept
 
 
+class _Stop(BaseException):
+    """What a stop signal's handler raises (as Prefect's TerminationSignal on SIGTERM)."""
+
+
+@pytest.fixture
+def stop_on_sigusr1():
+    """SIGUSR1 raises ``_Stop`` in the main thread, as SIGTERM raises in a flow run."""
+
+    def handler(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    yield
+    signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_stop_while_the_report_is_written_keeps_the_report(
+    runner, make_notebook, monkeypatch, stop_on_sigusr1
+):
+    # The orchestrator's SIGTERM for a cancel can arrive while the cancelled notebook's
+    # report is being written; the attempt must still keep its marked notebook.
+    from pipeline.runner import reports
+
+    render = reports._render_html
+
+    def slow_render(nb):
+        os.kill(os.getpid(), signal.SIGUSR1)  # handled in the main thread, mid-write
+        time.sleep(0.3)
+        return render(nb)
+
+    monkeypatch.setattr(reports, "_render_html", slow_render)
+    cancel = threading.Event()
+
+    def on_text(cell: int, text: str) -> None:
+        if text.startswith("started"):
+            cancel.set()
+
+    with pytest.raises(_Stop):
+        runner.run(make_notebook(), {"sleep": 60}, cancel_event=cancel, on_text=on_text)
+    (attempt,) = runner.work_dir.glob("probe/*/attempt-*")
+    assert sorted(p.name for p in attempt.iterdir() if p.is_file()) == [
+        "probe.cancelled.html",
+        "probe.cancelled.ipynb",
+    ]
+    kept = nbformat.read(attempt / "probe.cancelled.ipynb", as_version=4)
+    assert "CANCELLED" in kept.cells[0].source and "started" in str(kept.cells)
+    assert "CANCELLED" in (attempt / "probe.cancelled.html").read_text()
+
+
+@pytest.fixture
+def stop_on_sigterm():
+    """SIGTERM raises ``_Stop`` in the main thread (Prefect's handler in a flow run)."""
+
+    def handler(signum, frame):
+        raise _Stop()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    yield handler
+    signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_reaches_the_process_handler_and_the_notebook_is_kept(
+    runner, make_notebook, stop_on_sigterm
+):
+    # A cancel's SIGTERM must reach the handler the process installed (not one of the
+    # notebook client's), and the handler must still be there after every notebook.
+    runner.run(make_notebook("first"), {})
+    assert signal.getsignal(signal.SIGTERM) is stop_on_sigterm
+    seen = []
+
+    def on_text(cell: int, text: str) -> None:
+        if text.startswith("started"):
+            seen.append(signal.getsignal(signal.SIGTERM))
+            seen.extend(busy_kernel_pids())
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(_Stop):
+        runner.run(make_notebook(), {"sleep": 60}, on_text=on_text)
+    assert seen[0] is stop_on_sigterm
+    assert all(_wait_gone(pid, 5) for pid in seen[1:])
+    assert signal.getsignal(signal.SIGTERM) is stop_on_sigterm
+    (attempt,) = runner.work_dir.glob("probe/*/attempt-*")  # no second attempt
+    kept = nbformat.read(attempt / "probe.cancelled.ipynb", as_version=4)
+    assert "CANCELLED" in kept.cells[0].source and "started" in str(kept.cells)
+
+
+def test_a_stop_while_waiting_for_a_kernel_leaves_a_marked_notebook(
+    runner, make_notebook, monkeypatch
+):
+    def stopped(self, session=None):
+        raise _Stop()
+
+    monkeypatch.setattr(NotebookRunner, "_kernel", stopped)
+    with pytest.raises(_Stop):
+        runner.run(make_notebook(), {})
+    (attempt,) = runner.work_dir.glob("probe/*/attempt-*")
+    kept = nbformat.read(attempt / "probe.cancelled.ipynb", as_version=4)
+    assert kept.metadata["astr"]["status"] == "cancelled"
+    assert "stopped before the notebook started" in kept.cells[0].source
+
+
 def test_missing_outputs_json_is_a_contract_error(runner, make_notebook):
     with pytest.raises(NotebookError, match=r"outputs\.json"):
         runner.run(make_notebook(), {"write_outputs": False})
