@@ -17,8 +17,9 @@ Usage::
 
 What bounds the ratio: torch's second thread already speeds one process up (on
 this 2-core machine about 1.3x for a default-network trial: 2.7 s against 3.4 s),
-two processes cannot do better than 2x, and the second one starts about 3 s late
-(it imports torch and reads the dataset), which counts with trials this short.
+two processes cannot do better than 2x, and the second one starts late (about 1.4 s
+on a fast machine: it imports torch and reads the dataset), which counts with trials
+this short. The floor is t(1 thread) / (2 t(2 threads)) of one trial.
 """
 
 from __future__ import annotations

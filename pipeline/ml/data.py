@@ -26,12 +26,14 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from astropy.table import Table
-from scipy.spatial import cKDTree
 
 from pipeline.errors import AstrError, ScienceError
+
+if TYPE_CHECKING:  # astropy's table costs a search worker half a second to import
+    from astropy.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +337,8 @@ def _scaled_conditions(seed: int, shape: tuple[int, int]) -> dict[str, object]:
 def _pair_samples(
     seed: int, shape: tuple[int, int], size: int, threshold: float, simulation: dict
 ) -> CandidateDataset:
+    from astropy.table import Table
+
     from pipeline.science.simulate import simulate_pair
 
     sim = simulate_pair(shape=shape, seed=seed, **simulation)  # type: ignore[arg-type]
@@ -464,6 +468,8 @@ def injected_dataset(
         such as a variable confirmed in another exposure: a candidate within the match
         radius of one is left out, being neither a fake nor bogus.
     """
+    from astropy.table import Table
+
     from pipeline.science.simulate import inject_fakes, snr_to_flux
 
     if split not in SPLITS:
@@ -503,6 +509,8 @@ def injected_dataset(
 
 def _near_any(candidates: Table, sources: Table, radius: float) -> np.ndarray:
     """Which candidates lie within ``radius`` pixels of any of ``sources``."""
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(np.column_stack([np.asarray(sources["x"]), np.asarray(sources["y"])]))
     xy = np.column_stack([np.asarray(candidates["x"]), np.asarray(candidates["y"])])
     return np.isfinite(tree.query(xy, distance_upper_bound=radius)[0])
@@ -524,6 +532,8 @@ def _spread_positions(
 
 def _on_reference_grid(artefacts: Table, science_wcs: object, reference_wcs: object) -> Table:
     """Artefact positions (science pixels) mapped onto the reference grid."""
+    from astropy.table import Table
+
     if len(artefacts) == 0:
         return Table({"kind": [], "x": [], "y": [], "length": []})
     world = science_wcs.pixel_to_world(artefacts["x_sci"], artefacts["y_sci"])  # type: ignore[attr-defined]

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import expit
 from torch import nn
 
 from pipeline.ml.data import CandidateDataset
@@ -139,7 +138,7 @@ class TrainedModel:
     def predict_proba(self, triplets: np.ndarray) -> np.ndarray:
         """Calibrated probability that each candidate is real."""
         logits = predict_logits(self.net, triplets)
-        return expit(logits / self.temperature)
+        return _expit(logits / self.temperature)
 
     def save(self, path: str | Path) -> Path:
         """Write weights, settings and calibration to one file (``torch.save``)."""
@@ -298,7 +297,7 @@ def train_model(
             scheduler.step()
             total += float(loss.detach()) * len(index)
         logits = _logits(net, x_val)
-        val_loss = binary_nll(expit(logits), val.label)
+        val_loss = binary_nll(_expit(logits), val.label)
         val_auc = roc_auc(logits, val.label)
         metrics = {
             "train_loss": total / len(order),
@@ -360,3 +359,10 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
             part = torch.flip(part, dims=(3,))
         out[index] = part
     return out
+
+
+def _expit(x: np.ndarray) -> np.ndarray:
+    """The logistic function, without overflow (scipy.special's, imported when used)."""
+    from scipy.special import expit
+
+    return expit(x)

@@ -24,6 +24,16 @@ def test_roc_auc_and_curve_on_known_values():
     assert binary_nll(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(np.log(2))
 
 
+def test_roc_auc_counts_every_pair_with_partial_ties():
+    # against the definition: P(score of a real > score of a bogus) + P(equal) / 2
+    rng = np.random.default_rng(3)
+    scores = rng.integers(0, 6, 300).astype(np.float32)  # many ties within and across
+    labels = rng.random(300) < 0.4
+    real, bogus = scores[labels][:, None], scores[~labels][None, :]
+    pairs = np.mean(real > bogus) + 0.5 * np.mean(real == bogus)
+    assert roc_auc(scores, labels) == pytest.approx(pairs, abs=1e-12)
+
+
 def test_temperature_recovers_the_overconfidence_it_was_given():
     rng = np.random.default_rng(1)
     true_logits = rng.normal(0, 2, 20000)
