@@ -89,16 +89,16 @@ class AttemptOutcome:
     kept: bool = False
 
 
-class _AttemptLoop(asyncio.SelectorEventLoop):  # type: ignore[misc,valid-type]
+class _AttemptLoop(asyncio.SelectorEventLoop):
     """An event loop that leaves the process's signal handlers as they are.
 
     nbclient puts its own SIGINT and SIGTERM handlers on the loop while a notebook runs
-    (they only close the kernel) and afterwards sets both to the system default. A stop
-    signal then never reached the handler the process had (Prefect's, which turns a
-    cancel's SIGTERM into an exception so the run can record it), and between two
-    notebooks it killed the process outright: the interrupted notebook was lost and the
-    cancel could not be acknowledged. nbclient treats the ``RuntimeError`` raised here
-    as "no signals on this loop" (what it gets outside the main thread).
+    (they only close the kernel), and removing them afterwards leaves SIGTERM at the
+    system default, not at the handler the process had. In a flow run that handler is
+    Prefect's, which turns a cancel's SIGTERM into an exception the run can record; without
+    it the cancel could not be acknowledged and the worker's SIGTERM killed the process
+    outright, losing the interrupted notebook. nbclient treats the ``RuntimeError`` raised
+    here as "no signals on this loop" (what it gets outside the main thread).
     """
 
     def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
