@@ -362,7 +362,5 @@ def _augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _expit(x: np.ndarray) -> np.ndarray:
-    """The logistic function, without overflow (scipy.special's, imported when used)."""
-    from scipy.special import expit
-
-    return expit(x)
+    """The logistic function 1 / (1 + e^-x), without overflow for large |x|."""
+    return np.exp(-np.logaddexp(0.0, -x))

@@ -434,10 +434,9 @@ class NotebookRunner:
             attempts.append(record)
             if on_attempt is not None:
                 on_attempt(record)
-            if outcome is not None and outcome.interrupt is not None:
-                interrupt = outcome.interrupt
-            if interrupt is not None or stopped is not None:
-                raise interrupt or stopped  # type: ignore[misc]
+            pending = interrupt or (outcome.interrupt if outcome else None) or stopped
+            if pending is not None:
+                raise pending
             if outputs is not None:
                 wall = time.perf_counter() - began
                 result = NotebookResult(

@@ -204,16 +204,23 @@ class _Stop(BaseException):
     """What a stop signal's handler raises (as Prefect's TerminationSignal on SIGTERM)."""
 
 
-@pytest.fixture
-def stop_on_sigusr1():
-    """SIGUSR1 raises ``_Stop`` in the main thread, as SIGTERM raises in a flow run."""
+def _stop_on(sig: signal.Signals):
+    """Install a handler of ``sig`` that raises ``_Stop`` in the main thread; yield it."""
 
     def handler(signum, frame):
         raise _Stop()
 
-    previous = signal.signal(signal.SIGUSR1, handler)
-    yield
-    signal.signal(signal.SIGUSR1, previous)
+    previous = signal.signal(sig, handler)
+    try:
+        yield handler
+    finally:
+        signal.signal(sig, previous)
+
+
+@pytest.fixture
+def stop_on_sigusr1():
+    """SIGUSR1 raises ``_Stop`` in the main thread, as SIGTERM raises in a flow run."""
+    yield from _stop_on(signal.SIGUSR1)
 
 
 def test_a_stop_while_the_report_is_written_keeps_the_report(
@@ -252,13 +259,7 @@ def test_a_stop_while_the_report_is_written_keeps_the_report(
 @pytest.fixture
 def stop_on_sigterm():
     """SIGTERM raises ``_Stop`` in the main thread (Prefect's handler in a flow run)."""
-
-    def handler(signum, frame):
-        raise _Stop()
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    yield handler
-    signal.signal(signal.SIGTERM, previous)
+    yield from _stop_on(signal.SIGTERM)
 
 
 def test_sigterm_reaches_the_process_handler_and_the_notebook_is_kept(
