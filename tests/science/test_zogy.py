@@ -7,7 +7,7 @@ import pytest
 from scipy.signal import fftconvolve
 
 from pipeline.errors import ScienceError
-from pipeline.science.zogy import psf_to_otf_shape, torch_available, zogy
+from pipeline.science.zogy import detection_efficiency, psf_to_otf_shape, torch_available, zogy
 
 
 def gaussian(size: int, fwhm: float, dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
@@ -57,6 +57,23 @@ def test_point_source_in_new_is_recovered_at_the_right_flux(flux_new: float) -> 
     # noise of the flux estimate: background of both images through F_S
     assert result.alpha_err[90, 70] == pytest.approx(np.sqrt(1.0 / result.F_S), rel=1e-3)
     assert result.S_corr[90, 70] == pytest.approx(5000.0 * np.sqrt(result.F_S), rel=1e-3)
+
+
+@pytest.mark.parametrize("flux_new", [1.0, 0.6])
+def test_detection_efficiency_is_zogys_score_over_the_science_images_own(flux_new: float):
+    # noiseless images: S_corr at the source is its expectation
+    new = np.zeros((160, 160), dtype=np.float32)
+    add_point(new, PN, 70, 90, 5000.0 * flux_new)
+    result = zogy(new, np.zeros_like(new), PN, PR, sigma_new=5.0, sigma_ref=3.0, flux_new=flux_new)
+    alone = 5000.0 * flux_new * np.sqrt((PN**2).sum()) / 5.0  # matched filter on new alone
+    efficiency = detection_efficiency(PN, PR, 5.0, 3.0, flux_new=flux_new)
+    assert efficiency == pytest.approx(result.S_corr[90, 70] / alone, rel=2e-3)
+    assert 0.8 < efficiency < 1.0  # a sharper, quieter reference: most of the S/N is kept
+    # limits: a noiseless reference keeps all of it, twin images 1/√2
+    assert detection_efficiency(PN, PR, 5.0, 0.0) == pytest.approx(1.0, rel=1e-9)
+    assert detection_efficiency(PN, 3 * PN, 4.0, 4.0) == pytest.approx(2**-0.5, rel=1e-9)
+    with pytest.raises(ValueError, match="sigma_new > 0"):
+        detection_efficiency(PN, PR, 0.0, 1.0)
 
 
 def test_disappearing_source_gives_negative_flux() -> None:
