@@ -2,7 +2,7 @@
 
 A sample is what the pipeline itself detects: every |S_corr| peak our preprocessing,
 ZOGY differencing and detection find in a simulated pair, with its 63×63 science,
-reference and difference cutouts. Its label comes from what the simulator put there:
+reference, difference and mask cutouts. Its label comes from what the simulator put there:
 
 - ``real``: within ``match_radius`` of an injected transient (0.6 FWHM, at least 2 px);
 - ``cosmic_ray``, ``bad_column``, ``saturated_star``: on or next to that artefact;
@@ -77,8 +77,10 @@ class CandidateDataset:
 
     Attributes
     ----------
-    triplets : 4D ndarray of float32, shape (n, 3, size, size)
-        Science, reference and difference cutouts (ADU, background subtracted).
+    triplets : 4D ndarray of float32, shape (n, 4, size, size)
+        Science, reference and difference cutouts (ADU, background subtracted) and the
+        mask cutout (1 masked or beyond the image, 0 clean). Datasets built before the
+        mask stamp have three.
     label : 1D ndarray of int8
         1 real, 0 bogus.
     kind_code : 1D ndarray of int8
@@ -416,7 +418,15 @@ def _samples(
     x, y = np.asarray(candidates["x"], dtype=float), np.asarray(candidates["y"], dtype=float)
     n = len(candidates)
     return CandidateDataset(
-        triplets=cutout_triplets(pair.science, pair.reference, diff.D, x, y, size=size),  # type: ignore[attr-defined]
+        triplets=cutout_triplets(
+            pair.science,  # type: ignore[attr-defined]
+            pair.reference,  # type: ignore[attr-defined]
+            diff.D,  # type: ignore[attr-defined]
+            x,
+            y,
+            size=size,
+            mask=pair.mask,  # type: ignore[attr-defined]
+        ),
         label=(kind == KINDS.index("real")).astype(np.int8),
         kind_code=kind,
         snr=np.asarray(candidates["snr"], dtype=np.float32),

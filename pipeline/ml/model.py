@@ -3,9 +3,10 @@
 A compact VGG-like CNN in the spirit of ZTF's braai (Duev et al. 2019): two 3×3
 convolutions per stage, three stages, and a small dense head over the last feature map
 (which keeps where a feature lies: the candidate is at the centre), about 0.1–0.3 M
-parameters depending on ``width``. It reads the three 63×63 cutouts
-(science, reference, difference) as channels and returns one logit; a temperature
-fitted on validation data turns logits into calibrated probabilities.
+parameters depending on ``width``. It reads the 63×63 cutouts (science, reference,
+difference, and the mask: which pixels were lost or repaired) as channels and returns one
+logit; a temperature fitted on validation data turns logits into calibrated
+probabilities.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch import nn
 
 __all__ = [
     "HEADS",
+    "MASK_LEVEL",
     "STAMP",
     "ModelConfig",
     "RealBogusNet",
@@ -33,6 +35,9 @@ __all__ = [
 HEADS = ("flatten", "pool")
 #: Side of the stamps the network reads (the ``flatten`` head is sized for it).
 STAMP = 63
+#: Value of a masked pixel in the normalised mask stamp (unmasked: 0), on the scale of
+#: the image stamps after their asinh (a 2 there is a ~10σ pixel).
+MASK_LEVEL = 2.0
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,11 @@ class ModelConfig:
         what appeared in the science image and what vanished from the reference are one
         pattern to learn, and the (rarer) fading transients share the brightening ones'
         examples. Models saved before this setting existed load with it off.
+    mask : bool
+        Also read the mask stamp (``cutout_triplets(..., mask=)``) as a fourth channel:
+        repaired cosmic rays and bad columns look like sky in the images, and were most
+        of the bogus candidates scored real without it. Models saved before this
+        setting existed load with it off (and read the first three stamps only).
     """
 
     width: int = 8
@@ -65,6 +75,7 @@ class ModelConfig:
     dropout: float = 0.3
     head: str = "flatten"
     orient: bool = True
+    mask: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.width <= 256:
@@ -76,13 +87,18 @@ class ModelConfig:
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
 
+    @property
+    def channels(self) -> int:
+        """Stamps per candidate the network reads: science, reference, difference (mask)."""
+        return 4 if self.mask else 3
+
     def to_dict(self) -> dict[str, float]:
         """Plain-dict form (for logging and for saving with the weights)."""
         return asdict(self)
 
 
 class RealBogusNet(nn.Module):
-    """CNN on (n, 3, 63, 63) normalised triplets; returns (n,) logits of "real"."""
+    """CNN on (n, 3 or 4, 63, 63) normalised stamps; returns (n,) logits of "real"."""
 
     def __init__(self, config: ModelConfig | None = None) -> None:
         super().__init__()
@@ -100,7 +116,9 @@ class RealBogusNet(nn.Module):
                 nn.MaxPool2d(2),
             )
 
-        self.features = nn.Sequential(stage(3, w), stage(w, 2 * w), stage(2 * w, 4 * w))
+        self.features = nn.Sequential(
+            stage(self.config.channels, w), stage(w, 2 * w), stage(2 * w, 4 * w)
+        )
         if self.config.head == "flatten":
             side = STAMP // 8  # three 2× poolings
             reduce, inputs = nn.Identity(), 4 * w * side * side
@@ -137,10 +155,14 @@ def normalise_triplets(
     by a saturated star's mask keeps the noise scale of its unmasked half (counting the
     zeros shrank the MAD: pure noise read 2σ a third masked, 10σ just under half).
 
+    A fourth (mask) stamp is not scaled: its masked pixels (and NaN, beyond the image)
+    become :data:`MASK_LEVEL`, the others 0.
+
     Parameters
     ----------
-    triplets : ndarray, shape (n, 3, h, w)
-        Science, reference and difference stamps, the candidate at the centre.
+    triplets : ndarray, shape (n, 3, h, w) or (n, 4, h, w)
+        Science, reference and difference stamps, the candidate at the centre, and
+        optionally the mask stamp.
     clip : float
         Limit in σ before the asinh.
     orient : bool
@@ -152,9 +174,10 @@ def normalise_triplets(
     -------
     ndarray of float32, same shape
     """
-    x = np.array(triplets, dtype=np.float32, copy=True)
-    if x.ndim != 4 or x.shape[1] != 3:
-        raise ValueError(f"triplets must have shape (n, 3, h, w), got {x.shape}")
+    stamps = np.asarray(triplets)
+    if stamps.ndim != 4 or stamps.shape[1] not in (3, 4):
+        raise ValueError(f"stamps must have shape (n, 3, h, w) or (n, 4, h, w), got {stamps.shape}")
+    x = np.array(stamps[:, :3], dtype=np.float32, copy=True)
     valid = np.isfinite(x) & (x != 0)
     x[~valid] = 0.0
     sample = x[:, :, ::2, ::2].reshape(x.shape[0], 3, -1)
@@ -173,6 +196,9 @@ def normalise_triplets(
     x[~valid] = 0.0
     np.clip(x, -clip / 3.0, clip / 3.0, out=x)
     np.arcsinh(x, out=x)
+    if stamps.shape[1] == 4:
+        marks = np.where(np.nan_to_num(stamps[:, 3:], nan=1.0) != 0, MASK_LEVEL, 0.0)
+        x = np.concatenate([x, marks.astype(np.float32)], axis=1)
     if orient:
         _orient(x)
     return x
@@ -184,7 +210,7 @@ def _orient(x: np.ndarray) -> None:
     core = x[:, 2, h // 2 - 2 : h // 2 + 3, w // 2 - 2 : w // 2 + 3].sum(axis=(1, 2))
     fading = core < 0
     if fading.any():
-        x[fading] = x[fading][:, [1, 0, 2]]
+        x[fading] = x[fading][:, [1, 0, 2, *range(3, x.shape[1])]]
         x[fading, 2] *= -1.0
 
 

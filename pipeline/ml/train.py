@@ -45,8 +45,13 @@ class TrainConfig:
     ----------
     epochs : int
         Most epochs; training stops earlier after ``patience`` epochs without a better
-        validation ROC AUC (ties: a lower validation loss), and the best epoch's weights
-        are kept (then calibrated with a temperature).
+        one, and the best epoch's weights are kept (then calibrated with a temperature).
+        An epoch is better when its validation ROC AUC beats the best one's by more than
+        ``min_delta``, or comes within ``min_delta`` of it with a lower validation loss.
+    min_delta : float
+        Validation AUC changes this small are noise (a few hundred bogus candidates:
+        0.9991-0.9997 from one epoch to the next while the loss kept falling); without
+        it, an early lucky epoch stopped training before the learning rate annealed.
     batch_size, learning_rate, weight_decay : training hyper-parameters (AdamW).
     seed : int
         Seeds the initial weights, the batch order and the flips.
@@ -66,6 +71,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 8
+    min_delta: float = 5e-4
     seed: int = 0
     augment: bool = True
     schedule: str = "cosine"
@@ -76,6 +82,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patience"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.min_delta < 1:
+            raise ValueError(f"min_delta must be in [0, 1), got {self.min_delta}")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning_rate must be in (0, 1), got {self.learning_rate}")
         if self.schedule not in _SCHEDULES:
@@ -136,7 +144,12 @@ class TrainedModel:
     dataset_id: str
 
     def predict_proba(self, triplets: np.ndarray) -> np.ndarray:
-        """Calibrated probability that each candidate is real."""
+        """Calibrated probability that each candidate is real.
+
+        ``triplets`` as :func:`pipeline.science.cutouts.cutout_triplets` cuts them, with the
+        mask stamp when the model reads it (``config.model.mask``); a model without it
+        ignores a mask stamp it is given.
+        """
         logits = predict_logits(self.net, triplets)
         return _expit(logits / self.temperature)
 
@@ -166,8 +179,10 @@ def load_model(path: str | Path) -> TrainedModel:
     """Read a model written by ``TrainedModel.save``."""
     state = torch.load(Path(path), map_location="cpu", weights_only=True)
     # Models saved before the head was a setting pooled globally; before orientation was
-    # a setting, none was oriented.
-    config = TrainConfig.from_dict({"head": "pool", "orient": False, **state["config"]})
+    # a setting, none was oriented; before the mask stamp, none read it.
+    config = TrainConfig.from_dict(
+        {"head": "pool", "orient": False, "mask": False, **state["config"]}
+    )
     net = RealBogusNet(config.model)
     net.load_state_dict(state["state_dict"])
     net.eval()
@@ -187,6 +202,7 @@ def predict_logits(net: RealBogusNet, triplets: np.ndarray, batch_size: int = 25
     Batches are normalised one at a time (cache-sized work, no full-size temporaries)
     and fed in ``channels_last`` layout, the fast one for CPU and GPU convolutions.
     """
+    triplets = _channels_for(net.config, triplets, "scored")
     device = next(net.parameters()).device
     net.eval().to(memory_format=torch.channels_last)
     out = []
@@ -196,6 +212,25 @@ def predict_logits(net: RealBogusNet, triplets: np.ndarray, batch_size: int = 25
             batch = torch.from_numpy(x).to(device).contiguous(memory_format=torch.channels_last)
             out.append(net(batch).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def _channels_for(model: ModelConfig, stamps: np.ndarray, what: str) -> np.ndarray:
+    """The stamps the network reads (a view): the first three, or all four with the mask.
+
+    Raises
+    ------
+    ValueError
+        If the network reads the mask stamp and ``stamps`` has none.
+    """
+    have = stamps.shape[1] if np.ndim(stamps) == 4 else 0
+    if have < model.channels:
+        raise ValueError(
+            f"the model reads {model.channels} stamps per candidate (science, reference, "
+            f"difference and mask) but the candidates {what} have {have}: cut them with "
+            "cutout_triplets(..., mask=pair.mask), or rebuild the dataset, or train with "
+            "mask=false"
+        )
+    return stamps[:, : model.channels]
 
 
 def _logits(net: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -234,8 +269,8 @@ def train_model(
     Raises
     ------
     ValueError
-        If a split is empty or holds a single class, or ``initial`` has another
-        architecture.
+        If a split is empty or holds a single class, ``initial`` has another
+        architecture, or the model reads the mask stamp and the dataset has none.
     """
     config = config or TrainConfig()
     train, val = data.subset("train"), data.subset("validation")
@@ -260,8 +295,9 @@ def train_model(
         net.load_state_dict(initial.net.state_dict())
     net = net.to(device).to(memory_format=torch.channels_last)
     orient = config.model.orient
-    x_train = torch.from_numpy(normalise_triplets(train.triplets, orient=orient))
-    x_val = normalise_triplets(val.triplets, orient=orient)  # once, not every epoch
+    stamps = _channels_for(config.model, train.triplets, f"of dataset {data.dataset_id}")
+    x_train = torch.from_numpy(normalise_triplets(stamps, orient=orient))
+    x_val = normalise_triplets(_channels_for(config.model, val.triplets, ""), orient=orient)
     y_train = torch.from_numpy(train.label.astype(np.float32))
     positives = float(y_train.sum())
     # Real candidates are the minority: weight them so both classes count equally.
@@ -277,7 +313,7 @@ def train_model(
     )
 
     history: list[dict[str, float]] = []
-    best = ((-np.inf, -np.inf), 0, copy.deepcopy(net.state_dict()))
+    best = ((-np.inf, np.inf), 0, copy.deepcopy(net.state_dict()))
     for epoch in range(1, config.epochs + 1):
         began = time.perf_counter()
         net.train()
@@ -307,12 +343,12 @@ def train_model(
         }
         history.append({"epoch": epoch, **metrics})
         # the epoch that separates the validation images' classes best is kept (its
-        # probabilities are calibrated afterwards): the validation loss also charges
-        # overconfidence, which temperature scaling removes, and on a few images it kept
-        # the first, worst-separating epoch while the ranking kept improving; ties go to
-        # the lower loss
-        if (val_auc, -val_loss) > best[0]:
-            best = ((val_auc, -val_loss), epoch, copy.deepcopy(net.state_dict()))
+        # probabilities are calibrated afterwards): the validation loss alone also
+        # charges overconfidence, which temperature scaling removes, and on a few images
+        # it kept the first, worst-separating epoch while the ranking kept improving;
+        # AUCs within min_delta of each other go to the lower loss
+        if _better((val_auc, val_loss), best[0], config.min_delta):
+            best = ((val_auc, val_loss), epoch, copy.deepcopy(net.state_dict()))
         if on_epoch is not None:
             on_epoch(epoch, metrics)
         if epoch - best[1] >= config.patience:
@@ -329,6 +365,18 @@ def train_model(
         best_epoch=best[1],
         dataset_id=data.dataset_id,
     )
+
+
+def _better(new: tuple[float, float], best: tuple[float, float], min_delta: float) -> bool:
+    """Whether (AUC, loss) ``new`` beats ``best``.
+
+    It does with an AUC higher by more than ``min_delta``, or with one within
+    ``min_delta`` of it and a lower loss.
+    """
+    (auc, loss), (best_auc, best_loss) = new, best
+    if auc > best_auc + min_delta:
+        return True
+    return auc >= best_auc - min_delta and loss < best_loss
 
 
 def _schedule(name: str, warmup: int, total: int) -> Callable[[int], float]:

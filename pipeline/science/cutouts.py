@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["cutout", "cutout_triplets"]
+__all__ = ["CHANNELS", "cutout", "cutout_triplets"]
+
+#: Names of the stamps of a candidate, in order (the mask only when asked for).
+CHANNELS = ("science", "reference", "difference", "mask")
 
 
 def cutout(image: np.ndarray, x: float, y: float, size: int = 63) -> np.ndarray:
@@ -41,16 +44,38 @@ def cutout_triplets(
     x: np.ndarray,
     y: np.ndarray,
     size: int = 63,
+    mask: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Stamps of the three images for every candidate.
+    """Stamps of the three images for every candidate, and of the mask when given.
+
+    Parameters
+    ----------
+    science, reference, difference : 2D ndarray
+        On one pixel grid.
+    x, y : ndarray
+        0-based candidate positions.
+    size : int
+        Odd stamp size.
+    mask : 2D ndarray, optional
+        The pair's pixel mask (non-zero: a defect, lost or repaired from its neighbours).
+        When given, a fourth stamp is 1 where a pixel is masked or beyond the image and 0
+        elsewhere: a repaired cosmic ray or bad column looks like sky in the images, and
+        only the mask tells the classifier its pixels were made up.
 
     Returns
     -------
-    4D ndarray of float32, shape (n, 3, size, size)
-        Channels in the order science, reference, difference.
+    4D ndarray of float32, shape (n, 3 or 4, size, size)
+        Channels in the order of :data:`CHANNELS`.
     """
-    stamps = np.empty((len(x), 3, size, size), dtype=np.float32)
+    images = [science, reference, difference]
+    if mask is not None:
+        if mask.shape != science.shape:
+            raise ValueError(f"mask shape {mask.shape} is not the images' {science.shape}")
+        images.append((mask != 0).astype(np.float32))
+    stamps = np.empty((len(x), len(images), size, size), dtype=np.float32)
     for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
-        for c, image in enumerate((science, reference, difference)):
+        for c, image in enumerate(images):
             stamps[i, c] = cutout(image, xi, yi, size)
+    if mask is not None:
+        np.nan_to_num(stamps[:, 3], copy=False, nan=1.0)  # beyond the image: no data
     return stamps

@@ -14,6 +14,7 @@ from astropy.table import Table
 from astropy.wcs import WCS
 
 from pipeline.errors import ScienceError
+from pipeline.science.cutouts import CHANNELS
 from pipeline.science.differencing import Difference
 from pipeline.science.photometry import FluxScale
 from pipeline.science.preprocessing import PreprocessedPair
@@ -245,9 +246,14 @@ def read_candidates(path: str | os.PathLike[str]) -> Table:
 
 
 def save_cutouts(stamps: np.ndarray, ids: np.ndarray, path: str | os.PathLike[str]) -> None:
-    """Write (n, 3, size, size) science/reference/difference stamps as a FITS cube."""
+    """Write (n, 3 or 4, size, size) science/reference/difference(/mask) stamps as a FITS cube.
+
+    The ``CHANNELS`` header keyword names the stamps in order.
+    """
+    if stamps.ndim != 4 or stamps.shape[1] not in (3, 4):
+        raise ValueError(f"stamps must have shape (n, 3 or 4, size, size), got {stamps.shape}")
     header = fits.Header()
-    header["CHANNELS"] = "science,reference,difference"
+    header["CHANNELS"] = ",".join(CHANNELS[: stamps.shape[1]])
     hdus = [
         fits.PrimaryHDU(stamps.astype(np.float32), header=header),
         fits.BinTableHDU(Table({"candidate_id": np.asarray(ids)}), name="IDS"),

@@ -84,7 +84,13 @@ def small() -> object:
 
 def test_simulated_dataset_from_our_own_detections(small):
     data = small
-    assert data.triplets.shape == (len(data), 3, 63, 63) and data.triplets.dtype == np.float32
+    assert data.triplets.shape == (len(data), 4, 63, 63) and data.triplets.dtype == np.float32
+    # the fourth stamp is the pair's mask, 0 or 1: at the centre of many candidates from
+    # repaired cosmic rays and bad columns (0.4 of them here), of hardly any real one
+    assert set(np.unique(data.triplets[:, 3])) <= {0.0, 1.0}
+    centre = data.triplets[:, 3, 28:35, 28:35].max(axis=(1, 2))
+    repaired = np.isin(data.kind, ["cosmic_ray", "bad_column"])
+    assert centre[repaired].mean() > 0.25 and centre[data.label == 1].mean() < 0.1
     # every image lies in exactly one split, and each split has one
     pairs = {(i, s) for i, s in zip(data.image, data.split, strict=True)}
     assert len({i for i, _ in pairs}) == len(pairs) == 3

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from pipeline.ml.metrics import binary_nll, roc_auc, roc_curve
-from pipeline.ml.model import ModelConfig, RealBogusNet, fit_temperature, normalise_triplets
-from pipeline.ml.train import TrainConfig, load_model, train_model
+from pipeline.ml.model import (
+    MASK_LEVEL,
+    ModelConfig,
+    RealBogusNet,
+    fit_temperature,
+    normalise_triplets,
+)
+from pipeline.ml.train import TrainConfig, _better, load_model, train_model
 
 
 def test_roc_auc_and_curve_on_known_values():
@@ -106,14 +112,44 @@ def test_orientation_shows_a_faded_source_as_a_new_one():
     np.testing.assert_array_equal(oriented[0], plain[0])  # a brightening is left alone
     np.testing.assert_allclose(oriented[1], plain[0], atol=1e-6)  # the faded one turned
     assert oriented[1, 2, 31, 31] > 2 and plain[1, 2, 31, 31] < -2
+    # a mask stamp stays in place (it belongs to the pair, not to an epoch) as 0 / MASK_LEVEL
+    mask = np.zeros((2, 1, 63, 63), dtype=np.float32)
+    mask[:, 0, 31, 20:25] = 1.0
+    with_mask = normalise_triplets(np.concatenate([both, mask], axis=1), orient=True)
+    np.testing.assert_allclose(with_mask[:, :3], oriented, atol=1e-6)
+    assert set(np.unique(with_mask[:, 3])) == {0.0, MASK_LEVEL}
+    assert (with_mask[:, 3, 31, 20:25] == MASK_LEVEL).all() and with_mask[
+        :, 3
+    ].sum() == 10 * MASK_LEVEL
+
+
+def test_a_model_reads_the_mask_stamp_only_when_it_was_trained_with_it():
+    from pipeline.ml.train import predict_logits
+
+    stamps = np.random.default_rng(5).normal(0, 3, (6, 4, 63, 63)).astype(np.float32)
+    stamps[:, 3] = 0.0
+    stamps[:3, 3, 25:38, 30:33] = 1.0  # a repaired column through three of them
+    without = RealBogusNet(ModelConfig(width=4, dense=8, mask=False)).eval()
+    np.testing.assert_array_equal(
+        predict_logits(without, stamps), predict_logits(without, stamps[:, :3])
+    )
+    reads = RealBogusNet(ModelConfig(width=4, dense=8)).eval()
+    cleaned = stamps.copy()
+    cleaned[:, 3] = 0.0
+    changed = predict_logits(reads, stamps) != predict_logits(reads, cleaned)
+    assert changed.tolist() == [True] * 3 + [False] * 3
+    with pytest.raises(ValueError, match=r"reads 4 stamps .* have 3: cut them with"):
+        predict_logits(reads, stamps[:, :3])
 
 
 def test_network_shape_and_size():
     import torch
 
     net = RealBogusNet(ModelConfig(width=16, dense=64)).eval()
-    assert net(torch.zeros(5, 3, 63, 63)).shape == (5,)
+    assert net.config.channels == 4  # science, reference, difference, mask
+    assert net(torch.zeros(5, 4, 63, 63)).shape == (5,)
     assert 50_000 < sum(p.numel() for p in net.parameters()) < 400_000  # braai-sized
+    assert RealBogusNet(ModelConfig(mask=False)).eval()(torch.zeros(2, 3, 63, 63)).shape == (2,)
     with pytest.raises(ValueError, match="dropout"):
         ModelConfig(dropout=0.95)
 
@@ -131,9 +167,12 @@ def test_training_learns_calibrates_and_round_trips(night, tmp_path):
     assert [e for e, _ in seen] == [h["epoch"] for h in model.history]
     losses = [h["val_loss"] for h in model.history]
     assert min(losses) < 0.7 * losses[0]  # it learned something on images it never saw
-    # the kept epoch ranks the validation images best (ties: the lower loss)
-    ranks = [(h["val_auc"], -h["val_loss"]) for h in model.history]
-    assert model.best_epoch == 1 + max(range(len(ranks)), key=ranks.__getitem__)
+    # the kept epoch ranks the validation images best (AUCs within min_delta: the lower loss)
+    best = (-np.inf, np.inf)
+    for h in model.history:
+        if _better((h["val_auc"], h["val_loss"]), best, config.min_delta):
+            best, kept = (h["val_auc"], h["val_loss"]), h["epoch"]
+    assert model.best_epoch == kept
 
     test = night.subset("test")
     p = model.predict_proba(test.triplets)
@@ -150,6 +189,18 @@ def test_training_learns_calibrates_and_round_trips(night, tmp_path):
 
     again = train_model(night, config)  # same seed, same data: the same run
     assert [h["val_loss"] for h in again.history] == pytest.approx(losses, rel=1e-4)
+
+
+def test_an_epoch_is_better_by_a_clear_auc_gain_or_a_lower_loss_at_a_like_auc():
+    best = (0.9997, 0.0249)
+    assert _better((0.9999, 0.0300), (0.9990, 0.02), 5e-4)  # a clear AUC gain
+    assert not _better((0.9996, 0.0257), best, 5e-4)  # AUC noise, higher loss
+    assert _better((0.9994, 0.0201), best, 5e-4)  # AUC noise, lower loss
+    assert not _better((0.9990, 0.0100), best, 5e-4)  # a clear AUC loss
+    assert not _better((0.9994, 0.0201), best, 0.0)  # without tolerance: AUC first
+    assert _better((0.9997, 0.0201), best, 0.0)  # ... and ties to the lower loss
+    with pytest.raises(ValueError, match="min_delta"):
+        TrainConfig(min_delta=-0.1)
 
 
 def test_bad_settings_and_single_class_splits_are_refused(night):
@@ -181,7 +232,8 @@ def test_batched_prediction_matches_one_pass():
 
     torch.manual_seed(0)
     net = RealBogusNet(ModelConfig(width=4, dense=8)).eval()
-    stamps = np.random.default_rng(4).normal(0, 3, (10, 3, 63, 63)).astype(np.float32)
+    stamps = np.random.default_rng(4).normal(0, 3, (10, 4, 63, 63)).astype(np.float32)
+    stamps[:, 3] = stamps[:, 3] > 2  # a mask stamp
     assert net.config.orient  # the default: fading candidates are turned
     whole = _logits(net, normalise_triplets(stamps, orient=True), batch_size=64)
     np.testing.assert_allclose(predict_logits(net, stamps, batch_size=3), whole, atol=1e-5)
@@ -196,7 +248,7 @@ def test_position_aware_head_and_models_saved_before_it(tmp_path):
     assert flat.head[2].in_features == 4 * 4 * 7 * 7
     pooled = RealBogusNet(ModelConfig(width=4, dense=8, head="pool")).eval()
     assert pooled.head[2].in_features == 4 * 4
-    centre = torch.zeros(1, 3, 63, 63)
+    centre = torch.zeros(1, 4, 63, 63)
     centre[..., 29:34, 29:34] = 3.0
     rolled = torch.roll(centre, (8, 8), dims=(2, 3))  # whole 8-px moves keep pooled maps
     with torch.no_grad():
@@ -204,8 +256,9 @@ def test_position_aware_head_and_models_saved_before_it(tmp_path):
     with pytest.raises(ValueError, match="head"):
         ModelConfig(head="attention")
 
+    before = RealBogusNet(ModelConfig(width=4, dense=8, head="pool", mask=False))
     old = {
-        "state_dict": pooled.state_dict(),
+        "state_dict": before.state_dict(),
         "temperature": 1.5,
         "config": {"epochs": 3, "width": 4, "dense": 8, "dropout": 0.3},  # no "head" key
         "history": [],
@@ -216,3 +269,4 @@ def test_position_aware_head_and_models_saved_before_it(tmp_path):
     loaded = load_model(tmp_path / "old.pt")
     assert loaded.config.model.head == "pool" and loaded.temperature == 1.5
     assert loaded.config.model.orient is False  # saved before orientation: not oriented
+    assert loaded.config.model.mask is False  # ... and before the mask stamp: three read

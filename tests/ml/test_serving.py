@@ -22,7 +22,7 @@ def _model(seed: int) -> TrainedModel:
 def _test_set(n: int = 12) -> CandidateDataset:
     rng = np.random.default_rng(0)
     return CandidateDataset(
-        triplets=rng.normal(size=(n, 3, 63, 63)).astype(np.float32),
+        triplets=rng.normal(size=(n, 4, 63, 63)).astype(np.float32),
         label=(np.arange(n) % 2).astype(np.int8),
         kind_code=np.where(np.arange(n) % 2, 0, 6).astype(np.int8),
         snr=np.full(n, 9.0, np.float32),

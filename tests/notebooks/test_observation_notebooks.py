@@ -12,6 +12,7 @@ import nbformat
 import numpy as np
 import papermill as pm
 import pytest
+from astropy.io import fits
 from astropy.table import Table
 
 from pipeline.science import io, simulate
@@ -143,6 +144,17 @@ def test_simulated_chain_recovers_the_bright_transients(
     )
     assert outputs["05_validation"]["rb_model"] is None
     assert np.isnan(np.asarray(catalogue["rb_score"], dtype=float)).all()
+    # the stamps the classifier reads: science, reference, difference and the pixel mask
+    assert outputs["04_detection"]["cutout_channels"] == [
+        "science",
+        "reference",
+        "difference",
+        "mask",
+    ]
+    with fits.open(root / "04_detection" / "cutouts.fits") as hdul:
+        n = outputs["04_detection"]["metrics"]["n_candidates"]
+        assert hdul[0].data.shape == (n, 4, 63, 63)
+        assert set(np.unique(hdul[0].data[:, 3])) <= {0.0, 1.0}
 
 
 def test_decam_chain_gives_sane_outputs(decam: tuple[Path, dict[str, dict[str, Any]]]) -> None:

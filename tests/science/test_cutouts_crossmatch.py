@@ -55,6 +55,23 @@ def test_triplets_stack_science_reference_difference() -> None:
     )
 
 
+def test_the_mask_stamp_marks_defects_and_the_outside() -> None:
+    science = coded_image()
+    mask = np.zeros(science.shape, dtype=np.uint8)
+    mask[50, 58:61] = 8  # a repaired cosmic ray left of the candidate at (60, 50)
+    mask[10:20, 100] = 2  # a lost (saturated) patch elsewhere
+    x, y = np.array([60.0, 119.0]), np.array([50.0, 50.0])
+    stamps = cutout_triplets(science, science, science, x, y, size=7, mask=mask)
+    assert stamps.shape == (2, 4, 7, 7)
+    np.testing.assert_array_equal(
+        stamps[0, :3], cutout_triplets(science, science, science, x, y, size=7)[0]
+    )
+    assert stamps[0, 3, 3, 1:4].tolist() == [1.0, 1.0, 1.0] and stamps[0, 3].sum() == 3
+    assert (stamps[1, 3, :, 4:] == 1).all() and (stamps[1, 3, :, :4] == 0).all()  # right edge
+    with pytest.raises(ValueError, match="mask shape"):
+        cutout_triplets(science, science, science, x, y, mask=mask[:10])
+
+
 ARCSEC = 1.0 / 3600.0
 
 

@@ -151,3 +151,10 @@ def test_cutouts_are_saved_as_a_cube_with_ids(tmp_path: Path) -> None:
         assert hdul[0].header["CHANNELS"] == "science,reference,difference"
         assert list(hdul["IDS"].data["candidate_id"]) == [3, 5, 8, 13]
     assert [p.name for p in tmp_path.iterdir()] == ["cutouts.fits"]
+    with_mask = np.concatenate([stamps, np.zeros_like(stamps[:, :1])], axis=1)
+    save_cutouts(with_mask, np.array([3, 5, 8, 13]), tmp_path / "cutouts.fits")
+    with fits.open(tmp_path / "cutouts.fits") as hdul:
+        assert hdul[0].data.shape == (4, 4, 63, 63)
+        assert hdul[0].header["CHANNELS"] == "science,reference,difference,mask"
+    with pytest.raises(ValueError, match=r"shape \(n, 3 or 4"):
+        save_cutouts(stamps[:, :2], np.array([3, 5, 8, 13]), tmp_path / "cutouts.fits")
