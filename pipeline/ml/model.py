@@ -197,7 +197,7 @@ def normalise_triplets(
     np.clip(x, -clip / 3.0, clip / 3.0, out=x)
     np.arcsinh(x, out=x)
     if stamps.shape[1] == 4:
-        marks = np.where(np.nan_to_num(stamps[:, 3:], nan=1.0) != 0, MASK_LEVEL, 0.0)
+        marks = np.where(stamps[:, 3:] != 0, MASK_LEVEL, 0.0)  # NaN != 0: masked too
         x = np.concatenate([x, marks.astype(np.float32)], axis=1)
     if orient:
         _orient(x)

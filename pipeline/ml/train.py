@@ -295,9 +295,10 @@ def train_model(
         net.load_state_dict(initial.net.state_dict())
     net = net.to(device).to(memory_format=torch.channels_last)
     orient = config.model.orient
-    stamps = _channels_for(config.model, train.triplets, f"of dataset {data.dataset_id}")
-    x_train = torch.from_numpy(normalise_triplets(stamps, orient=orient))
-    x_val = normalise_triplets(_channels_for(config.model, val.triplets, ""), orient=orient)
+    _channels_for(config.model, data.triplets, f"of dataset {data.dataset_id}")
+    channels = config.model.channels
+    x_train = torch.from_numpy(normalise_triplets(train.triplets[:, :channels], orient=orient))
+    x_val = normalise_triplets(val.triplets[:, :channels], orient=orient)  # once, not per epoch
     y_train = torch.from_numpy(train.label.astype(np.float32))
     positives = float(y_train.sum())
     # Real candidates are the minority: weight them so both classes count equally.

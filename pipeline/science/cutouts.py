@@ -71,11 +71,11 @@ def cutout_triplets(
     if mask is not None:
         if mask.shape != science.shape:
             raise ValueError(f"mask shape {mask.shape} is not the images' {science.shape}")
-        images.append((mask != 0).astype(np.float32))
+        images.append(mask)
     stamps = np.empty((len(x), len(images), size, size), dtype=np.float32)
     for i, (xi, yi) in enumerate(zip(x, y, strict=True)):
         for c, image in enumerate(images):
             stamps[i, c] = cutout(image, xi, yi, size)
-    if mask is not None:
-        np.nan_to_num(stamps[:, 3], copy=False, nan=1.0)  # beyond the image: no data
+    if mask is not None:  # mask bits -> 1; NaN (beyond the image: no data) != 0 -> 1 too
+        stamps[:, 3] = stamps[:, 3] != 0
     return stamps
