@@ -54,6 +54,8 @@ __all__ = [
 OUTPUTS_FILE = "outputs.json"
 #: After a kernel dies, how long to wait for a cancel request that explains it (seconds).
 CANCEL_GRACE = 1.0
+# Retry jitter from a private generator: never the global `random` state a seeded run uses.
+_JITTER = random.Random()
 
 
 class KernelSession:
@@ -221,7 +223,7 @@ def backoff_delay(
 
     ``base * 2**(attempt-1)``, capped at ``maximum``, times a random factor in [0.5, 1.5).
     """
-    rng = rng or random
+    rng = rng or _JITTER
     return min(maximum, base * 2 ** (attempt - 1)) * (0.5 + rng.random())
 
 

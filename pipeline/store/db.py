@@ -16,6 +16,9 @@ from sqlalchemy.engine import make_url
 __all__ = ["SQLITE_BUSY_TIMEOUT_MS", "json_dumps", "make_engine"]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Jitter for lock retries from a private generator, so that the global `random` state
+# (which seeded experiments rely on) is never drawn from behind their back.
+_JITTER = random.Random()
 
 
 def make_engine(database_url: str, **kwargs: Any) -> Engine:
@@ -108,7 +111,7 @@ def _enable_wal(cursor: Any) -> None:
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc) or time.monotonic() > deadline:
                 raise
-            time.sleep(0.02 + 0.08 * random.random())
+            time.sleep(0.02 + 0.08 * _JITTER.random())
 
 
 def _sqlite_on_begin(connection: Any) -> None:
