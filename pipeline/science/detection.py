@@ -163,14 +163,16 @@ def detect_candidates(
         and pixels, filled from their neighbours) carry more than this share of the
         matched filter's weight (the squared PSF of D) at their position: their score
         may then come from an imperfect repair. A transient a few pixels from a bad
-        column keeps nearly all its weight and is not flagged.
+        column keeps nearly all its weight and is not flagged. The share itself is the
+        ``repaired_share`` column, for the rule cuts.
 
     Returns
     -------
     astropy.table.Table
         One row per candidate: candidate_id, x, y (0-based reference pixels), ra, dec (deg),
         snr (signed S_corr), flux, flux_err (PSF flux in science ADU), sign (+1 brighter,
-        -1 fading), fwhm, elongation (of the peak in D), flags (:class:`CandidateFlag`).
+        -1 fading), fwhm, elongation (of the peak in D), repaired_share (of the matched
+        filter's weight on repaired pixels), flags (:class:`CandidateFlag`).
         Issues a NoDetectionsWarning when there is none.
     """
     fwhm = max(pair.psf_science.fwhm, pair.psf_reference.fwhm)
@@ -185,6 +187,7 @@ def detect_candidates(
     shapes = np.array([_shape(diff.D, y, x, fwhm_d) for y, x in zip(ys, xs, strict=True)])
     world = pair.wcs.pixel_to_world(fine[:, 1], fine[:, 0])
     snr = diff.S_corr[ys, xs].astype(float)
+    share = _repaired_share_at(pair.mask, diff.P_D, fine)
     table = Table(
         {
             "candidate_id": np.arange(1, len(ys) + 1),
@@ -198,7 +201,8 @@ def detect_candidates(
             "sign": np.sign(snr).astype(int),
             "fwhm": shapes[:, 0],
             "elongation": shapes[:, 1],
-            "flags": _flags(pair, fine, snr, fwhm, edge, diff.P_D, repaired_weight),
+            "repaired_share": share,
+            "flags": _flags(pair, fine, snr, fwhm, edge, share > repaired_weight),
         }
     )
     table["ra"].unit = table["dec"].unit = "deg"
@@ -236,26 +240,33 @@ def repaired_share(
     return out
 
 
+def _pixel_index(shape: tuple[int, ...], yx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    iy = np.clip(np.rint(yx[:, 0]).astype(int), 0, shape[0] - 1)
+    ix = np.clip(np.rint(yx[:, 1]).astype(int), 0, shape[1] - 1)
+    return iy, ix
+
+
+def _repaired_share_at(mask: np.ndarray, psf: np.ndarray, yx: np.ndarray) -> np.ndarray:
+    repaired = (mask & np.uint8(REPAIRED)) > 0
+    if not repaired.any():
+        return np.zeros(len(yx))
+    return repaired_share(repaired, psf, *_pixel_index(mask.shape, yx))
+
+
 def _flags(
     pair: PreprocessedPair,
     yx: np.ndarray,
     snr: np.ndarray,
     fwhm: float,
     edge: int,
-    psf: np.ndarray,
-    repaired_weight: float,
+    on_repaired: np.ndarray,
 ) -> np.ndarray:
     ny, nx = pair.mask.shape
     y, x = yx[:, 0], yx[:, 1]
     flags = np.zeros(len(y), dtype=int)
     flags[(x < edge) | (y < edge) | (x > nx - 1 - edge) | (y > ny - 1 - edge)] |= CandidateFlag.EDGE
-    iy, ix = np.rint(y).astype(int), np.rint(x).astype(int)
-    iy = np.clip(iy, 0, ny - 1)
-    ix = np.clip(ix, 0, nx - 1)
-    repaired = (pair.mask & np.uint8(REPAIRED)) > 0
-    if repaired.any():
-        share = repaired_share(repaired, psf, iy, ix)
-        flags[share > repaired_weight] |= CandidateFlag.REPAIRED
+    iy, ix = _pixel_index(pair.mask.shape, yx)
+    flags[on_repaired] |= CandidateFlag.REPAIRED
     for bits, radius, flag in (
         (int(FATAL), 2.0 * fwhm, CandidateFlag.MASKED),
         (int(MaskBit.SATURATED), 4.0 * fwhm, CandidateFlag.NEAR_SATURATED),
@@ -291,6 +302,7 @@ def _empty_table() -> Table:
         "sign",
         "fwhm",
         "elongation",
+        "repaired_share",
         "flags",
     )
     ints = {"candidate_id", "sign", "flags"}

@@ -229,6 +229,7 @@ def write_candidates(
         "sign": "+1 brighter in the science image, -1 fading",
         "flags": "bits: 1 edge, 2 masked, 4 near saturated star, 8 near reference source, "
         "16 dipole, 32 next to a repaired pixel (cosmic ray, bad column)",
+        "repaired_share": "share of the matched filter's weight on repaired pixels",
         "rb_score": "real/bogus probability from the deployed model (NaN without one)",
     }
     target = Path(path)

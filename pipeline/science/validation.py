@@ -29,16 +29,28 @@ class Cuts:
         has ~1; cosmic rays are sharper, extended residuals wider.
     max_elongation : float
         Largest axis ratio of the peak in D.
+    max_repaired_share, min_fwhm_ratio_repaired : float
+        A candidate with the REPAIRED flag (repaired cosmic rays or bad columns under
+        its footprint) passes only while repaired pixels carry at most
+        ``max_repaired_share`` of the matched filter's weight and its peak is at least
+        ``min_fwhm_ratio_repaired`` times as wide as D's PSF. A repair error lives on
+        the few pixels that were filled, so its peak is sharper than the PSF; a
+        transient beside a cosmic ray or a bad column keeps the PSF's width from its
+        unrepaired pixels. (Rejecting every REPAIRED candidate lost about 1% of the
+        simulated transients with S/N ≥ 7; these two rules keep them for about 0.1 more
+        false candidate per 1024² image.)
     min_rb_score : float
         Smallest real/bogus probability that passes (only where a model scored the
         candidate; an unscored candidate, rb_score NaN, is not cut on it).
     """
 
     min_abs_snr: float = 5.0
-    reject_flags: int = int(CandidateFlag.MASKED | CandidateFlag.EDGE | CandidateFlag.REPAIRED)
+    reject_flags: int = int(CandidateFlag.MASKED | CandidateFlag.EDGE)
     min_fwhm_ratio: float = 0.5
     max_fwhm_ratio: float = 2.0
     max_elongation: float = 2.0
+    max_repaired_share: float = 0.5
+    min_fwhm_ratio_repaired: float = 0.9
     min_rb_score: float = 0.5
 
     def as_dict(self) -> dict:
@@ -123,6 +135,15 @@ def _reasons(row: Table.Row, cuts: Cuts, psf_fwhm: float) -> list[str]:
         reasons.append("shape")
     if np.isfinite(row["elongation"]) and row["elongation"] > cuts.max_elongation:
         reasons.append("elongated")
+    if row["flags"] & CandidateFlag.REPAIRED and not cuts.reject_flags & CandidateFlag.REPAIRED:
+        # a catalogue from before the share was measured: treat the repair as dominant
+        share = row["repaired_share"] if "repaired_share" in row.colnames else 1.0
+        if not (
+            share <= cuts.max_repaired_share
+            and np.isfinite(fwhm)
+            and fwhm >= cuts.min_fwhm_ratio_repaired * psf_fwhm
+        ):
+            reasons.append("repaired")
     if np.isfinite(row["rb_score"]) and row["rb_score"] < cuts.min_rb_score:
         reasons.append("rb")
     return reasons

@@ -148,6 +148,19 @@ def test_flags_are_set_by_edges_masks_sources_and_dipoles(detected) -> None:
         assert row["flags"] == int(flags), f"peak at ({x}, {y}): {CandidateFlag(row['flags'])!r}"
 
 
+def test_repaired_share_column_is_the_weight_on_repaired_pixels(detected) -> None:
+    table, pair = detected
+    on_ray, _ = nearest_row(table, 20.0, 20.0)
+    beside_column, _ = nearest_row(table, 60.0, 100.0)
+    clean, _ = nearest_row(table, 40.3, 30.6)
+    repaired = (pair.mask & np.uint8(MaskBit.COSMIC_RAY | MaskBit.BAD_COLUMN)) > 0
+    expected = repaired_share(repaired, PSF, np.array([20, 100]), np.array([20, 60]))
+    assert on_ray["repaired_share"] == pytest.approx(expected[0], rel=1e-6)
+    assert beside_column["repaired_share"] == pytest.approx(expected[1], rel=1e-6)
+    assert on_ray["repaired_share"] > 0.1 > beside_column["repaired_share"] > 0.0
+    assert clean["repaired_share"] == 0.0
+
+
 def test_an_empty_score_map_warns_and_returns_an_empty_table(make_pair) -> None:
     pair = make_pair(
         np.zeros(SHAPE),
@@ -174,6 +187,7 @@ def test_an_empty_score_map_warns_and_returns_an_empty_table(make_pair) -> None:
         table = detect_candidates(diff, pair, threshold=3.0)
     assert len(table) == 0
     assert table["flags"].dtype.kind == "i" and table["x"].dtype.kind == "f"
+    assert table["repaired_share"].dtype.kind == "f"
 
 
 def test_constructed_cases_sit_inside_the_flag_radii() -> None:

@@ -75,6 +75,63 @@ def test_cuts_are_configurable(candidates) -> None:
     assert loose.as_dict()["min_abs_snr"] == 4.0
 
 
+# repaired_share, fwhm (PSF_FWHM = 4), expected reject_reason
+REPAIRED_ROWS = [
+    (0.3, 4.4, ""),  # a transient beside a cosmic ray keeps the PSF's width
+    (0.5, 3.6, ""),  # both limits are inclusive
+    (0.7, 4.4, "repaired"),  # the repair carries most of the matched filter's weight
+    (0.3, 3.0, "repaired"),  # sharper than the PSF (but not for the plain shape cut)
+    (0.3, np.nan, "shape,repaired"),
+]
+
+
+def _repaired_table(tan_wcs, with_share: bool = True) -> tuple[Table, object]:
+    wcs = tan_wcs(SHAPE)
+    n = len(REPAIRED_ROWS)
+    x = 40.0 + 20.0 * np.arange(n)
+    world = wcs.pixel_to_world(x, np.full(n, 100.0))
+    columns = {
+        "candidate_id": np.arange(1, n + 1),
+        "x": x,
+        "y": np.full(n, 100.0),
+        "ra": world.ra.deg,
+        "dec": world.dec.deg,
+        "snr": np.full(n, 12.0),
+        "flux": np.full(n, 1200.0),
+        "flux_err": np.full(n, 100.0),
+        "sign": np.ones(n, dtype=int),
+        "fwhm": np.array([r[1] for r in REPAIRED_ROWS]),
+        "elongation": np.ones(n),
+        "flags": np.full(n, int(CandidateFlag.REPAIRED)),
+    }
+    if with_share:
+        columns["repaired_share"] = np.array([r[0] for r in REPAIRED_ROWS])
+    return Table(columns), wcs
+
+
+def test_repaired_candidates_pass_when_the_psf_shape_survives(tan_wcs) -> None:
+    table, wcs = _repaired_table(tan_wcs)
+    none = Table({"x": [], "y": []})
+    out = validate_candidates(table, psf_fwhm=PSF_FWHM, wcs=wcs, reference_sources=none)
+    assert list(out["reject_reason"]) == [r[-1] for r in REPAIRED_ROWS]
+    # the old rule, every REPAIRED candidate out, is one setting away
+    strict = Cuts(reject_flags=int(CandidateFlag.REPAIRED))
+    out = validate_candidates(
+        table, psf_fwhm=PSF_FWHM, wcs=wcs, reference_sources=none, cuts=strict
+    )
+    assert not out["passed"].any()
+    assert all("repaired" in r.split(",") for r in out["reject_reason"])
+
+
+def test_repaired_candidates_without_a_measured_share_are_rejected(tan_wcs) -> None:
+    table, wcs = _repaired_table(tan_wcs, with_share=False)
+    out = validate_candidates(
+        table, psf_fwhm=PSF_FWHM, wcs=wcs, reference_sources=Table({"x": [], "y": []})
+    )
+    assert not out["passed"].any()
+    assert all("repaired" in r.split(",") for r in out["reject_reason"])
+
+
 def test_reference_and_catalogue_matches(candidates) -> None:
     table, wcs = candidates
     # a reference source 0.5 px (0.13") from the first candidate, one 10 px from the second
