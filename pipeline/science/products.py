@@ -224,7 +224,7 @@ def write_candidates(
     out.meta["columns"] = {
         "x, y": "0-based pixel position on the reference grid",
         "ra, dec": "ICRS degrees",
-        "snr": "signed S_corr at the peak",
+        "snr": "signed S_corr at the peak (its summit between the pixels)",
         "flux, flux_err": "PSF-fit flux of the transient in science-image ADU",
         "sign": "+1 brighter in the science image, -1 fading",
         "flags": "bits: 1 edge, 2 masked, 4 near saturated star, 8 near reference source, "

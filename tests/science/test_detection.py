@@ -7,6 +7,7 @@ import pytest
 from astropy.table import Table
 
 from pipeline.science.detection import (
+    SUMMIT_GAIN,
     CandidateFlag,
     NoDetectionsWarning,
     detect_candidates,
@@ -139,6 +140,35 @@ def test_positions_are_subpixel_and_measurements_read_at_the_peak(detected) -> N
     world = pair.wcs.pixel_to_world(row["x"], row["y"])
     assert row["ra"] == pytest.approx(world.ra.deg, abs=1e-9)
     assert row["dec"] == pytest.approx(world.dec.deg, abs=1e-9)
+
+
+def test_the_threshold_and_snr_apply_to_the_summit_between_pixels(make_pair, tan_wcs) -> None:
+    # σ = 1.27 px: 0.45 px off along x the nearest pixel reads 6% low
+    bumps = [(30.45, 30.0, 5.2), (80.45, 80.0, 4.95), (60.0, 100.0, 5.2)]
+    score = sum(gaussian_bump(x, y, a) for x, y, a in bumps)
+    assert score[30, 30] < 5.0  # the pixel grid alone misses the first
+    assert score[80, 80] > 5.0 / SUMMIT_GAIN  # the second is looked at, and rejected
+    pair = make_pair(
+        np.zeros(SHAPE),
+        np.zeros(SHAPE),
+        psf_science=PSF,
+        psf_reference=PSF,
+        sigma_science=1.0,
+        sigma_reference=1.0,
+        wcs=tan_wcs(SHAPE),
+    )
+    diff = _difference(score, score, 100.0 * score, 100.0)
+    table = detect_candidates(diff, pair)
+    assert len(table) == 2  # the 4.95σ summit stays below the threshold
+    for x, y, amplitude in (bumps[0], bumps[2]):
+        row, distance = nearest_row(table, x, y)
+        assert distance < 0.1
+        assert row["snr"] == pytest.approx(amplitude, rel=0.01)
+    with pytest.warns(NoDetectionsWarning):
+        pixel = detect_candidates(diff, pair, threshold=5.3)
+    assert len(pixel) == 0
+    pixel = detect_candidates(diff, pair, summit=False)
+    assert len(pixel) == 1 and pixel["snr"][0] == pytest.approx(5.2)  # the centred one only
 
 
 def test_flags_are_set_by_edges_masks_sources_and_dipoles(detected) -> None:
