@@ -48,6 +48,12 @@ class TrainConfig:
         one, and the best epoch's weights are kept (then calibrated with a temperature).
         An epoch is better when its validation ROC AUC beats the best one's by more than
         ``min_delta``, or comes within ``min_delta`` of it with a lower validation loss.
+    patience : int
+        Epochs without a better one before stopping. By default as many as ``epochs``:
+        the cosine schedule's best epochs come once the learning rate has annealed,
+        and a patience of 8 stopped one seed at epoch 14 (best 6) with 1.4% false
+        positives at 1% missed where running all 30 epochs gave 0.7% (best 18). Lower it
+        for the constant schedule or a quick look.
     min_delta : float
         Validation AUC changes this small are noise (a few hundred bogus candidates:
         0.9991-0.9997 from one epoch to the next while the loss kept falling); without
@@ -70,7 +76,7 @@ class TrainConfig:
     batch_size: int = 64
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
-    patience: int = 8
+    patience: int = 30
     min_delta: float = 5e-4
     seed: int = 0
     augment: bool = True
