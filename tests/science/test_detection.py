@@ -49,6 +49,16 @@ def gaussian_bump(x0: float, y0: float, amplitude: float) -> np.ndarray:
     return amplitude * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * sigma**2))
 
 
+def _blank_pair(make_pair, psf: np.ndarray = PSF, sigma: float = 1.0, **kwargs):
+    """A pair of empty images with ``psf`` in both and noise ``sigma`` (``sigma_reference``
+    may differ), for score maps made by hand."""
+    kwargs.setdefault("sigma_reference", sigma)
+    return make_pair(
+        np.zeros(SHAPE), np.zeros(SHAPE), psf_science=psf, psf_reference=psf,
+        sigma_science=sigma, **kwargs,
+    )  # fmt: skip
+
+
 def _difference(
     d: np.ndarray, score: np.ndarray, alpha: np.ndarray, err: float, psf: np.ndarray = PSF
 ) -> Difference:
@@ -92,12 +102,9 @@ def detected(make_pair, tan_wcs):
     mask[80:, 63] = MaskBit.BAD_COLUMN
     reference_sources = Table({"x": [66.0], "y": [65.0], "flux": [1e4], "snr": [100.0]})
     wcs = tan_wcs(SHAPE)
-    pair = make_pair(
-        np.zeros(SHAPE),
-        np.zeros(SHAPE),
-        psf_science=PSF,
-        psf_reference=PSF,
-        sigma_science=10.0,
+    pair = _blank_pair(
+        make_pair,
+        sigma=10.0,
         sigma_reference=5.0,
         mask=mask,
         wcs=wcs,
@@ -148,15 +155,7 @@ def test_the_threshold_and_snr_apply_to_the_summit_between_pixels(make_pair, tan
     score = sum(gaussian_bump(x, y, a) for x, y, a in bumps)
     assert score[30, 30] < 5.0  # the pixel grid alone misses the first
     assert score[80, 80] > 5.0 / SUMMIT_GAIN  # the second is looked at, and rejected
-    pair = make_pair(
-        np.zeros(SHAPE),
-        np.zeros(SHAPE),
-        psf_science=PSF,
-        psf_reference=PSF,
-        sigma_science=1.0,
-        sigma_reference=1.0,
-        wcs=tan_wcs(SHAPE),
-    )
+    pair = _blank_pair(make_pair, wcs=tan_wcs(SHAPE))
     diff = _difference(score, score, 100.0 * score, 100.0)
     table = detect_candidates(diff, pair)
     assert len(table) == 2  # the 4.95σ summit stays below the threshold
@@ -192,14 +191,7 @@ def test_repaired_share_column_is_the_weight_on_repaired_pixels(detected) -> Non
 
 
 def test_an_empty_score_map_warns_and_returns_an_empty_table(make_pair) -> None:
-    pair = make_pair(
-        np.zeros(SHAPE),
-        np.zeros(SHAPE),
-        psf_science=PSF,
-        psf_reference=PSF,
-        sigma_science=1.0,
-        sigma_reference=1.0,
-    )
+    pair = _blank_pair(make_pair)
     zeros = np.zeros(SHAPE, dtype=np.float32)
     diff = Difference(
         D=zeros,
@@ -255,10 +247,7 @@ def test_faint_peaks_measure_their_own_width_not_the_noise(
     image = render_stars(SHAPE, xs, ys, np.full(xs.size, flux), width * FWHM_SHARP)
     image += np.random.default_rng(7).normal(0.0, sigma, SHAPE)
     score = sum(gaussian_bump(x, y, 8.0) for x, y in zip(xs, ys, strict=True))
-    pair = make_pair(
-        np.zeros(SHAPE), np.zeros(SHAPE), psf_science=PSF_SHARP, psf_reference=PSF_SHARP,
-        sigma_science=sigma, sigma_reference=sigma, wcs=tan_wcs(SHAPE),
-    )  # fmt: skip
+    pair = _blank_pair(make_pair, PSF_SHARP, sigma, wcs=tan_wcs(SHAPE))
     table = detect_candidates(_difference(image, score, image, 1.0, PSF_SHARP), pair)
     assert len(table) == xs.size
     ratio = np.asarray(table["fwhm"]) / measure_fwhm(PSF_SHARP)
@@ -279,10 +268,7 @@ def test_a_peak_with_negative_second_moments_measures_as_too_sharp(make_pair, ta
     image[ring] = -1.0
     image[64, 64] = 40.0
     score = gaussian_bump(64.0, 64.0, 9.0)
-    pair = make_pair(
-        np.zeros(SHAPE), np.zeros(SHAPE), psf_science=PSF, psf_reference=PSF,
-        sigma_science=1.0, sigma_reference=1.0, wcs=tan_wcs(SHAPE),
-    )  # fmt: skip
+    pair = _blank_pair(make_pair, wcs=tan_wcs(SHAPE))
     (row,) = detect_candidates(_difference(image, score, image, 1.0), pair)
     assert 0 < row["fwhm"] < 0.5 * measure_fwhm(PSF)  # the shape cut's "sharper than a PSF"
     assert np.isfinite(row["elongation"]) and row["elongation"] >= 1.0

@@ -28,28 +28,33 @@ ROWS = [
 ]  # fmt: skip
 
 
+def _candidate_table(wcs, x, y, snr, fwhm, elongation, flags) -> Table:
+    """A detection table (detect_candidates' columns but repaired_share) from its columns."""
+    x, y, snr = (np.asarray(v, dtype=float) for v in (x, y, snr))
+    world = wcs.pixel_to_world(x, y)
+    return Table(
+        {
+            "candidate_id": np.arange(1, len(x) + 1),
+            "x": x,
+            "y": y,
+            "ra": world.ra.deg,
+            "dec": world.dec.deg,
+            "snr": snr,
+            "flux": 100.0 * snr,
+            "flux_err": np.full(len(x), 100.0),
+            "sign": np.sign(snr).astype(int),
+            "fwhm": np.asarray(fwhm, dtype=float),
+            "elongation": np.asarray(elongation, dtype=float),
+            "flags": np.asarray(flags, dtype=int),
+        }
+    )
+
+
 @pytest.fixture
 def candidates(tan_wcs) -> tuple[Table, object]:
     wcs = tan_wcs(SHAPE)
     x, y, snr, fwhm, elong, flags, _ = (np.array(c) for c in zip(*ROWS, strict=True))
-    world = wcs.pixel_to_world(x.astype(float), y.astype(float))
-    table = Table(
-        {
-            "candidate_id": np.arange(1, len(ROWS) + 1),
-            "x": x.astype(float),
-            "y": y.astype(float),
-            "ra": world.ra.deg,
-            "dec": world.dec.deg,
-            "snr": snr.astype(float),
-            "flux": 100.0 * snr.astype(float),
-            "flux_err": np.full(len(ROWS), 100.0),
-            "sign": np.sign(snr.astype(float)).astype(int),
-            "fwhm": fwhm.astype(float),
-            "elongation": elong.astype(float),
-            "flags": flags.astype(int),
-        }
-    )
-    return table, wcs
+    return _candidate_table(wcs, x, y, snr, fwhm, elong, flags), wcs
 
 
 def test_each_rule_gives_its_reject_reason(candidates) -> None:
@@ -88,25 +93,18 @@ REPAIRED_ROWS = [
 def _repaired_table(tan_wcs, with_share: bool = True) -> tuple[Table, object]:
     wcs = tan_wcs(SHAPE)
     n = len(REPAIRED_ROWS)
-    x = 40.0 + 20.0 * np.arange(n)
-    world = wcs.pixel_to_world(x, np.full(n, 100.0))
-    columns = {
-        "candidate_id": np.arange(1, n + 1),
-        "x": x,
-        "y": np.full(n, 100.0),
-        "ra": world.ra.deg,
-        "dec": world.dec.deg,
-        "snr": np.full(n, 12.0),
-        "flux": np.full(n, 1200.0),
-        "flux_err": np.full(n, 100.0),
-        "sign": np.ones(n, dtype=int),
-        "fwhm": np.array([r[1] for r in REPAIRED_ROWS]),
-        "elongation": np.ones(n),
-        "flags": np.full(n, int(CandidateFlag.REPAIRED)),
-    }
+    table = _candidate_table(
+        wcs,
+        x=40.0 + 20.0 * np.arange(n),
+        y=np.full(n, 100.0),
+        snr=np.full(n, 12.0),
+        fwhm=[r[1] for r in REPAIRED_ROWS],
+        elongation=np.ones(n),
+        flags=np.full(n, int(CandidateFlag.REPAIRED)),
+    )
     if with_share:
-        columns["repaired_share"] = np.array([r[0] for r in REPAIRED_ROWS])
-    return Table(columns), wcs
+        table["repaired_share"] = [r[0] for r in REPAIRED_ROWS]
+    return table, wcs
 
 
 def test_repaired_candidates_pass_when_the_psf_shape_survives(tan_wcs) -> None:
