@@ -224,7 +224,7 @@ def difference_pair(
     outputs["err"] *= inflation
     # a measured spread below 1 means the variance was overestimated: keep it (never
     # sharpen significances), only ever widen
-    scale = max(_robust_std(outputs["S_corr"][~invalid]), 1.0) if renormalise else 1.0
+    scale = max(_noise_spread(outputs["S_corr"], invalid, fwhm), 1.0) if renormalise else 1.0
     if renormalise and scale > 0:
         outputs["S_corr"] /= scale
         outputs["err"] *= scale
@@ -394,6 +394,24 @@ def _edge(shape: tuple[int, int], width: int) -> np.ndarray:
     edge[:width] = edge[-width:] = True
     edge[:, :width] = edge[:, -width:] = True
     return edge
+
+
+def _noise_spread(s_corr: np.ndarray, invalid: np.ndarray, fwhm: float, peak: float = 5.0) -> float:
+    """The spread of S_corr's noise: the robust spread away from significant peaks.
+
+    Transients and the residuals of static sources are not noise; each spreads over a
+    matched filter's footprint, and a crowded or transient-rich field would read as a
+    noisier one if they stayed in. Pixels within two FWHM of ``|S_corr| > peak``
+    (after a first robust estimate) are left out, unless that leaves too few.
+    """
+    first = _robust_std(s_corr[~invalid])
+    strong = (np.abs(s_corr) > peak * max(first, 1e-6)) & ~invalid
+    if not strong.any():
+        return first
+    quiet = ~invalid & ~grow(strong, int(np.ceil(2 * fwhm)))
+    if quiet.sum() < max(1000, 0.25 * (~invalid).sum()):
+        return first
+    return _robust_std(s_corr[quiet])
 
 
 def _robust_std(values: np.ndarray) -> float:

@@ -263,3 +263,25 @@ def test_calibrated_floor_takes_the_asked_quantile_of_the_sources() -> None:
     for q in (0.5, 0.75):
         got = calibrate_flux_floor(maps, sources, invalid, 3.0, quantile=q)
         assert got == pytest.approx(np.sqrt(np.quantile(ratios, q)), rel=1e-3)
+
+
+def test_the_noise_spread_leaves_out_transients_and_residuals() -> None:
+    """S_corr's renormalisation measures noise: bright peaks must not read as noise."""
+    from pipeline.science.differencing import _noise_spread, _robust_std
+
+    rng = np.random.default_rng(3)
+    shape, sigma, fwhm = (512, 512), 1.2, 4.0
+    s_corr = rng.normal(0.0, sigma, shape).astype(np.float32)
+    invalid = np.zeros(shape, bool)
+    assert _noise_spread(s_corr, invalid, fwhm) == pytest.approx(_robust_std(s_corr.ravel()))
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    width = 2 * fwhm / 2.355  # a matched filter's footprint: √2 the PSF's
+    for y, x in rng.uniform(20, 492, (60, 2)):
+        s_corr += 20.0 * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * width**2))
+    plain = _robust_std(s_corr.ravel())
+    assert plain > 1.04 * sigma  # the peaks widen the quartiles of the whole image
+    assert _noise_spread(s_corr, invalid, fwhm) == pytest.approx(sigma, rel=0.02)
+    # masked pixels never count, whatever they hold
+    invalid[:, :256] = True
+    s_corr[:, :256] = 100.0
+    assert _noise_spread(s_corr, invalid, fwhm) == pytest.approx(sigma, rel=0.02)
