@@ -8,8 +8,9 @@ import numpy as np
 import sep
 
 from pipeline.errors import ScienceError
+from pipeline.science.masks import grow
 
-__all__ = ["Background", "estimate_background"]
+__all__ = ["Background", "estimate_background", "noise_correlation"]
 
 
 @dataclass
@@ -71,3 +72,56 @@ def estimate_background(
         global_level=float(bkg.globalback),
         global_rms=float(bkg.globalrms),
     )
+
+
+def noise_correlation(
+    image: np.ndarray,
+    rms: np.ndarray | float,
+    mask: np.ndarray | None = None,
+    *,
+    lags: int = 2,
+    clip: float = 3.0,
+) -> np.ndarray:
+    """The autocorrelation of an image's background noise, in units of ``rms²``.
+
+    Resampling (a stack's warping, a science image put on the reference grid) shares
+    each pixel's noise with its neighbours: the noise on a PSF's scale is then larger
+    than the per-pixel ``rms`` says. Pixels within 3 pixels of a ``clip``-sigma pixel
+    are left out, so bright sources do not count; fainter ones still add a little at
+    every lag.
+
+    Parameters
+    ----------
+    image : 2D ndarray
+        Background-subtracted image (ADU).
+    rms : 2D ndarray or float
+        Its background noise per pixel (ADU).
+    mask : 2D ndarray of bool, optional
+        True where pixels must be ignored.
+    lags : int
+        Largest offset measured, in pixels along each axis.
+    clip : float
+        Pixels above this many ``rms`` (and their neighbours) are left out.
+
+    Returns
+    -------
+    ndarray of shape (2·lags+1, 2·lags+1)
+        ⟨z(p) z(p+δ)⟩ for z = image/rms, offset δ = (dy, dx) at ``[lags + dy, lags + dx]``;
+        symmetric, 1 at the centre for white noise with the stated ``rms`` and 0 elsewhere.
+    """
+    z = np.asarray(image, dtype=np.float64) / rms
+    ignore = ~np.isfinite(z) if mask is None else (mask | ~np.isfinite(z))
+    ignore |= grow(np.abs(np.where(ignore, 0.0, z)) > clip, 3)
+    if (~ignore).sum() < 100:
+        raise ScienceError("fewer than 100 unmasked background pixels: cannot measure noise")
+    z = np.where(ignore, 0.0, z)
+    weight = (~ignore).astype(np.float64)
+    ny, nx = z.shape
+    out = np.zeros((2 * lags + 1, 2 * lags + 1))
+    for dy in range(-lags, lags + 1):
+        for dx in range(-lags, lags + 1):
+            a = (slice(max(dy, 0), ny + min(dy, 0)), slice(max(dx, 0), nx + min(dx, 0)))
+            b = (slice(max(-dy, 0), ny + min(-dy, 0)), slice(max(-dx, 0), nx + min(-dx, 0)))
+            pairs = (weight[a] * weight[b]).sum()
+            out[lags + dy, lags + dx] = (z[a] * z[b]).sum() / pairs if pairs else 0.0
+    return out

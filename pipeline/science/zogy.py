@@ -94,6 +94,9 @@ def detection_efficiency(
     sigma_ref: float,
     flux_new: float = 1.0,
     flux_ref: float = 1.0,
+    *,
+    correlation_new: np.ndarray | None = None,
+    correlation_ref: np.ndarray | None = None,
 ) -> float:
     """ZOGY's S/N for a point transient on empty sky over the science image's own S/N.
 
@@ -114,6 +117,12 @@ def detection_efficiency(
     flux_new, flux_ref : float
         Flux zero points (science/reference flux ratio as ``flux_new`` with
         ``flux_ref`` = 1, as in :func:`zogy`).
+    correlation_new, correlation_ref : 2D ndarray, optional
+        Each image's noise autocorrelation in units of its ``sigma²``, centred, odd-sized
+        (:func:`~pipeline.science.background.noise_correlation`); default white. The
+        noise power at each frequency is then ``sigma²`` times its transform, and ZOGY's
+        weights follow it. The science image's own S/N stays that of white noise at
+        ``sigma_new`` (how injected S/N is defined).
 
     Returns
     -------
@@ -134,14 +143,31 @@ def detection_efficiency(
     weight[:, 0] = 1.0
     if side % 2 == 0:
         weight[:, -1] = 1.0
+    spectra = [
+        1.0 if c is None else _noise_spectrum(c, name, (side, side))
+        for c, name in ((correlation_new, "correlation_new"), (correlation_ref, "correlation_ref"))
+    ]
     fn2, fr2 = flux_new**2, flux_ref**2
-    below = sigma_ref**2 * fn2 * otf_new + sigma_new**2 * fr2 * otf_ref
+    below = sigma_ref**2 * spectra[1] * fn2 * otf_new + sigma_new**2 * spectra[0] * fr2 * otf_ref
     terms = np.divide(
         fn2 * fr2 * otf_new * otf_ref, below, out=np.zeros_like(below), where=below > 0
     )
     ours = float((weight * terms).sum())
     alone = float((weight * fn2 * otf_new).sum()) / sigma_new**2
     return float(np.sqrt(ours / alone))
+
+
+def _noise_spectrum(correlation: np.ndarray, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """The noise power spectrum (rfft2 half-plane) of an autocorrelation stamp."""
+    c = np.asarray(correlation, dtype=float)
+    if c.ndim != 2 or c.shape[0] % 2 == 0 or c.shape[1] % 2 == 0 or not np.all(np.isfinite(c)):
+        raise ValueError(f"{name} must be a finite 2-D stamp of odd sides, got shape {c.shape}")
+    if c.shape[0] > shape[0] or c.shape[1] > shape[1]:
+        raise ValueError(f"{name} ({c.shape}) is larger than the PSFs' grid {shape}")
+    power = np.fft.rfft2(psf_to_otf_shape(c, shape)).real
+    # a measured autocorrelation is noisy: its transform may dip below zero where the
+    # true spectrum is small, and no noise has negative power
+    return np.clip(power, 1e-3 * max(float(power.max()), 1e-12), None)
 
 
 def psf_to_otf_shape(psf: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

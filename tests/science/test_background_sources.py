@@ -127,3 +127,28 @@ def test_source_footprints_cover_bright_star_wings(star_field) -> None:
     footprint = source_footprints(data, 5.0)
     assert footprint[model > 5.0].mean() > 0.995  # everything above 1σ of star light
     assert footprint[model < 0.1].mean() < 0.05  # little empty sky
+
+
+def test_noise_correlation_of_resampled_noise() -> None:
+    from scipy.signal import fftconvolve
+
+    from pipeline.science.background import noise_correlation
+
+    rng = np.random.default_rng(11)
+    sigma = 4.0
+    h = np.array([[0.0, 0.15, 0.0], [0.15, 0.4, 0.15], [0.0, 0.15, 0.0]])
+    noise = fftconvolve(rng.normal(0.0, sigma, (600, 600)), h, mode="same")
+    acf = noise_correlation(noise, sigma, lags=2)
+    expected = fftconvolve(h, h[::-1, ::-1])
+    np.testing.assert_allclose(acf, expected, atol=0.01)
+    np.testing.assert_array_equal(acf, acf[::-1, ::-1])
+    # white noise: 1 at the centre and nothing else; a source and masked pixels do not count
+    white = rng.normal(0.0, sigma, (400, 400))
+    white[100:110, 100:110] += 500.0
+    mask = np.zeros(white.shape, bool)
+    mask[300:, :] = True
+    white[300:, :] = 1e6
+    acf = noise_correlation(white, np.full(white.shape, sigma), mask, lags=1)
+    assert np.abs(acf - np.pad([[1.0]], 1)).max() < 0.03
+    with pytest.raises(ScienceError, match="background pixels"):
+        noise_correlation(white, sigma, np.ones(white.shape, bool))

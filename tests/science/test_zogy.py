@@ -296,3 +296,27 @@ def test_compact_kernel_transform_equals_the_full_one(shape) -> None:
         compact = fft.rfft2_placed(kernel, shape, hy, hx)
         assert compact.dtype == full.dtype
         assert np.abs(compact - full).max() <= 1e-5 * np.abs(full).max()
+
+
+def test_detection_efficiency_with_correlated_reference_noise() -> None:
+    # a reference convolved with an invertible kernel h holds the same information: with
+    # its PSF P_r⊗h and its noise correlated as h⋆h, the efficiency must not change
+    h = np.array([[0.05, 0.1, 0.05], [0.1, 0.4, 0.1], [0.05, 0.1, 0.05]])
+    blurred = fftconvolve(np.pad(PR, 1), h, mode="same")
+    acf = fftconvolve(h, h[::-1, ::-1])  # 5×5, the noise autocorrelation in σ² units
+    white = detection_efficiency(PN, PR, 5.0, 3.0)
+    assert detection_efficiency(PN, blurred, 5.0, 3.0, correlation_ref=acf) == pytest.approx(
+        white, rel=1e-4
+    )
+    # white noise at the blurred image's per-pixel scatter (what ignoring the correlation
+    # gives) overstates the efficiency: the noise on the PSF's scale is higher than that
+    pixel_sigma = 3.0 * np.sqrt(acf[2, 2])
+    assert detection_efficiency(PN, blurred, 5.0, pixel_sigma) > 1.05 * white
+    # a correlation that only scales the variance is a larger sigma
+    scaled = np.zeros((3, 3))
+    scaled[1, 1] = 2.0
+    assert detection_efficiency(PN, PR, 5.0, 3.0, correlation_ref=scaled) == pytest.approx(
+        detection_efficiency(PN, PR, 5.0, 3.0 * np.sqrt(2.0)), rel=1e-9
+    )
+    with pytest.raises(ValueError, match="correlation_ref"):
+        detection_efficiency(PN, PR, 5.0, 3.0, correlation_ref=np.ones((2, 2)))
