@@ -36,8 +36,9 @@ class Difference:
     invalid : 2D ndarray of bool
         Pixels whose scores are not trustworthy (masked pixels grown by the kernel).
     scorr_scale : float
-        Robust standard deviation of S_corr on valid pixels (1 for white noise); S_corr
-        has been divided by it when ``renormalise`` was asked.
+        Robust standard deviation of S_corr's noise: valid pixels more than two FWHM
+        from any peak above 5 (1 for white noise, never less); S_corr has been divided
+        by it when ``renormalise`` was asked.
     backend : str
         Where the transforms ran.
     flux_floor : float
@@ -123,9 +124,11 @@ def difference_pair(
         add the matching fractional flux error to V_S, so static sources are not
         significant; transients on bright hosts lose some significance in exchange.
     renormalise : bool
-        Divide S_corr by its robust standard deviation on valid pixels. Resampling
-        correlates the science image's noise, which the white-noise model of ZOGY does
-        not know; the measured scale restores unit variance.
+        Divide S_corr by the robust standard deviation of its noise (valid pixels away
+        from significant peaks, which are transients and residuals, not noise). Resampling
+        correlates the images' noise (a stack's warping, the science put on the
+        reference grid), which the white-noise model of ZOGY does not know; the measured
+        scale restores unit variance.
     mask_growth : float
         Masked pixels invalidate scores within this many FWHM.
     tile_size : int
