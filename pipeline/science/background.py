@@ -88,7 +88,9 @@ def noise_correlation(
     each pixel's noise with its neighbours: the noise on a PSF's scale is then larger
     than the per-pixel ``rms`` says. Pixels within 3 pixels of a ``clip``-sigma pixel
     are left out, so bright sources do not count; fainter ones still add a little at
-    every lag.
+    every lag. (Not :func:`~pipeline.science.sources.source_footprints`: its threshold
+    on the 3×3 mean assumes white noise, and on correlated noise it cuts the noise's own
+    high excursions, which would bias the correlation low.)
 
     Parameters
     ----------
@@ -118,10 +120,12 @@ def noise_correlation(
     weight = (~ignore).astype(np.float64)
     ny, nx = z.shape
     out = np.zeros((2 * lags + 1, 2 * lags + 1))
-    for dy in range(-lags, lags + 1):
-        for dx in range(-lags, lags + 1):
-            a = (slice(max(dy, 0), ny + min(dy, 0)), slice(max(dx, 0), nx + min(dx, 0)))
-            b = (slice(max(-dy, 0), ny + min(-dy, 0)), slice(max(-dx, 0), nx + min(-dx, 0)))
+    # the offsets δ and -δ pair the same pixels: measure one half-plane, mirror the other
+    for dy in range(0, lags + 1):
+        for dx in range(-lags if dy else 0, lags + 1):
+            a = (slice(dy, ny), slice(max(dx, 0), nx + min(dx, 0)))
+            b = (slice(0, ny - dy), slice(max(-dx, 0), nx + min(-dx, 0)))
             pairs = (weight[a] * weight[b]).sum()
-            out[lags + dy, lags + dx] = (z[a] * z[b]).sum() / pairs if pairs else 0.0
+            value = (z[a] * z[b]).sum() / pairs if pairs else 0.0
+            out[lags + dy, lags + dx] = out[lags - dy, lags - dx] = value
     return out
