@@ -497,7 +497,7 @@ def print_report(report: dict) -> None:
     header = (
         "method                      "
         + " ".join(f"{b[0]}-{b[1]:<3}" for b in itertools.pairwise(SNR_BINS))
-        + "  C(≥7)  S/N50  FP(cut) FP(raw)  bias   pull   sec"
+        + "  C(≥7)   S/N50  FP(cut) FP(raw)  bias   pull   sec"
     )
     print(header)
     for name, row in report.items():
@@ -505,7 +505,7 @@ def print_report(report: dict) -> None:
             continue
         bins = " ".join(f"{v[0]:6.2f}" for v in row["bins"].values())
         print(
-            f"{name:<27} {bins}  {row['completeness_snr_ge_7']:5.2f}  {row['snr_50']:5.2f}  "
+            f"{name:<27} {bins}  {row['completeness_snr_ge_7']:6.3f}  {row['snr_50']:5.2f}  "
             f"{row['false_positives_per_image']:7.1f} {row['false_positives_raw_per_image']:7.1f} "
             f"{row['flux_bias']:+6.3f} {row['pull_width']:5.2f} "
             f"{row.get('seconds', float('nan')):6.2f}"
