@@ -111,15 +111,12 @@ def _peak_value(image: np.ndarray, y: int, x: int) -> float:
     return centre * float(np.exp(min(gain, 0.5)))
 
 
-def _shape(image: np.ndarray, y: int, x: int, fwhm: float, sign: float) -> tuple[float, float]:
+def _shape(image: np.ndarray, y: int, x: int, fwhm: float, sign: int) -> tuple[float, float]:
     """FWHM (pixels) and elongation of a peak from Gaussian-weighted second moments.
 
-    ``sign`` is the candidate's (that of S_corr at the peak): +1 measures the light of a
-    brightening, -1 of a fading. Not the sign of the single pixel of ``image`` at the
-    peak: that pixel holds a small share of a faint source's signal (an S/N 7 point
-    source under a 5 px PSF: about 1.8σ), so noise flipped it for a few per cent of
-    them, the weighted light then summed below zero, and the candidate was cut for a
-    shape it never had measured.
+    ``sign`` is the candidate's (+1 brightening, -1 fading: S_corr's at the peak), not
+    that of ``image``'s one pixel there, which noise flips for a few per cent of faint
+    sources (at S/N 7 under a 5 px PSF it holds about 1.8σ of the signal).
 
     Unweighted moments of the positive part of a box are biased by the noise: its
     positive half spreads light over the whole box, so a faint point source measures
@@ -136,7 +133,7 @@ def _shape(image: np.ndarray, y: int, x: int, fwhm: float, sign: float) -> tuple
     y0, y1 = max(0, y - half), min(ny, y + half + 1)
     x0, x1 = max(0, x - half), min(nx, x + half + 1)
     yy, xx = (a.ravel().astype(np.float64) for a in np.mgrid[y0 - y : y1 - y, x0 - x : x1 - x])
-    light = image[y0:y1, x0:x1].ravel().astype(np.float64) * (1.0 if sign >= 0 else -1.0)
+    light = image[y0:y1, x0:x1].ravel().astype(np.float64) * sign
     light *= np.exp(-(yy * yy + xx * xx) / (2.0 * w2))
     if light.sum() <= 0:
         return float("nan"), float("nan")
@@ -213,9 +210,10 @@ def detect_candidates(
         return table
     fine = np.array([_subpixel(diff.S_corr, y, x) for y, x in zip(ys, xs, strict=True)])
     snr = peak if summit else diff.S_corr[ys, xs].astype(float)
+    sign = np.where(snr < 0, -1, 1)
     fwhm_d = measure_fwhm(diff.P_D)
     shapes = np.array(
-        [_shape(diff.D, y, x, fwhm_d, s) for y, x, s in zip(ys, xs, snr, strict=True)]
+        [_shape(diff.D, y, x, fwhm_d, s) for y, x, s in zip(ys, xs, sign, strict=True)]
     )
     world = pair.wcs.pixel_to_world(fine[:, 1], fine[:, 0])
     share = _repaired_share_at(pair.mask, diff.P_D, fine)
@@ -229,7 +227,7 @@ def detect_candidates(
             "snr": snr,
             "flux": [_peak_value(diff.alpha, y, x) for y, x in zip(ys, xs, strict=True)],
             "flux_err": diff.alpha_err[ys, xs].astype(float),
-            "sign": np.sign(snr).astype(int),
+            "sign": sign,
             "fwhm": shapes[:, 0],
             "elongation": shapes[:, 1],
             "repaired_share": share,
