@@ -11,6 +11,7 @@ probabilities.
 
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import asdict, dataclass
 
@@ -25,6 +26,7 @@ __all__ = [
     "ModelConfig",
     "RealBogusNet",
     "fit_temperature",
+    "fold_batchnorm",
     "normalise_triplets",
     "pick_device",
     "seed_everything",
@@ -48,7 +50,8 @@ class ModelConfig:
     ----------
     width : int
         Channels of the first stage (doubled at each of the three stages). 8 scores
-        over 2,000 triplets/s on 2 CPU cores; 16 is about 2.5× slower.
+        about 2,000 triplets/s on 2 AVX2-only CPU cores (more with AVX-512); 16 is
+        about 2.5× slower.
     dense : int
         Units of the hidden dense layer.
     dropout : float
@@ -177,7 +180,9 @@ def normalise_triplets(
     stamps = np.asarray(triplets)
     if stamps.ndim != 4 or stamps.shape[1] not in (3, 4):
         raise ValueError(f"stamps must have shape (n, 3, h, w) or (n, 4, h, w), got {stamps.shape}")
-    x = np.array(stamps[:, :3], dtype=np.float32, copy=True)
+    out = np.empty(stamps.shape, dtype=np.float32)
+    x = out[:, :3]  # the image stamps, scaled in place
+    x[...] = stamps[:, :3]
     valid = np.isfinite(x) & (x != 0)
     x[~valid] = 0.0
     sample = x[:, :, ::2, ::2].reshape(x.shape[0], 3, -1)
@@ -195,13 +200,62 @@ def normalise_triplets(
     x *= (1.0 / (3.0 * sigma))[..., None, None].astype(np.float32)
     x[~valid] = 0.0
     np.clip(x, -clip / 3.0, clip / 3.0, out=x)
-    np.arcsinh(x, out=x)
-    if stamps.shape[1] == 4:
-        marks = np.where(stamps[:, 3:] != 0, MASK_LEVEL, 0.0)  # NaN != 0: masked too
-        x = np.concatenate([x, marks.astype(np.float32)], axis=1)
+    _arcsinh_inplace(x)
+    if stamps.shape[1] == 4:  # NaN != 0: masked too
+        np.multiply(stamps[:, 3] != 0, np.float32(MASK_LEVEL), out=out[:, 3])
     if orient:
-        _orient(x)
-    return x
+        _orient(out)
+    return out
+
+
+def _arcsinh_inplace(x: np.ndarray, chunk: int = 1 << 16) -> None:
+    """In place: asinh of a float32 array (or view), as sign(x)·log(|x| + √(x² + 1)).
+
+    NumPy's own ``arcsinh`` is vectorised only where its SIMD maths library is (AVX-512
+    CPUs); on an AVX2-only CPU it took 70 ms for a batch of 256 triplets, more than the
+    rest of the normalisation and than the network, where this takes 16 ms. The absolute
+    error stays under 4e-7 over the clipped range (NumPy's float32 ``arcsinh``: 2e-7).
+    Done a few rows (first axis) of about ``chunk`` values at a time, so the temporaries
+    stay in cache and small when a whole training split is normalised at once.
+    """
+    row = int(np.prod(x.shape[1:], dtype=np.int64))
+    step = max(1, chunk // max(row, 1))
+    a = np.empty((min(step, len(x)), *x.shape[1:]), dtype=x.dtype)
+    s = np.empty_like(a)
+    for start in range(0, len(x), step):
+        part = x[start : start + step]
+        ta, ts = a[: len(part)], s[: len(part)]
+        np.abs(part, out=ta)
+        np.multiply(ta, ta, out=ts)
+        ts += 1.0
+        np.sqrt(ts, out=ts)
+        ts += ta
+        np.log(ts, out=ts)
+        np.copysign(ts, part, out=part)
+
+
+def fold_batchnorm(net: RealBogusNet) -> RealBogusNet:
+    """An inference copy of ``net`` with each BatchNorm folded into the convolution before it.
+
+    In eval mode a BatchNorm is a fixed affine map per channel, so it becomes part of the
+    preceding convolution's weights and bias: the same logits to float rounding, and the
+    BatchNorms' share of the network's CPU time (22% on 2 cores) gone.
+    ``net`` itself is left as it is; the copy is in eval mode, on ``net``'s device.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    def fold(stage: nn.Sequential) -> nn.Sequential:
+        kept: list[nn.Module] = []
+        for layer in stage:
+            if isinstance(layer, nn.BatchNorm2d) and kept and isinstance(kept[-1], nn.Conv2d):
+                kept[-1] = fuse_conv_bn_eval(kept[-1], layer)
+            else:
+                kept.append(layer)
+        return nn.Sequential(*kept)
+
+    folded = copy.deepcopy(net).eval()
+    folded.features = nn.Sequential(*(fold(stage) for stage in folded.features))
+    return folded
 
 
 def _orient(x: np.ndarray) -> None:

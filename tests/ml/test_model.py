@@ -10,7 +10,9 @@ from pipeline.ml.model import (
     MASK_LEVEL,
     ModelConfig,
     RealBogusNet,
+    _arcsinh_inplace,
     fit_temperature,
+    fold_batchnorm,
     normalise_triplets,
 )
 from pipeline.ml.train import TrainConfig, _better, load_model, train_model
@@ -83,6 +85,50 @@ def test_normalisation_medians_are_numpys(size: int) -> None:
     x[~valid] = 0.0
     expected = np.arcsinh(np.clip(x, -1000 / 3.0, 1000 / 3.0))
     np.testing.assert_allclose(normalise_triplets(stamps), expected, rtol=2e-6, atol=2e-6)
+
+
+def test_arcsinh_matches_the_double_precision_one_over_the_clipped_range():
+    x = np.concatenate(
+        [np.linspace(-1000 / 3.0, 1000 / 3.0, 200_001), np.linspace(-1e-3, 1e-3, 2001), [0.0]]
+    ).astype(np.float32)  # more than one chunk, and a last part shorter than a chunk
+    out = x.copy()
+    _arcsinh_inplace(out, chunk=4096)
+    exact = np.arcsinh(x.astype(np.float64))
+    np.testing.assert_allclose(out, exact, rtol=0, atol=4e-7)
+    assert np.array_equal(np.signbit(out), np.signbit(x))  # odd: -0 stays -0, signs kept
+    assert out[-1] == 0.0
+    grid = np.linspace(-50, 50, 4 * 3 * 7 * 5, dtype=np.float32).reshape(4, 3, 7, 5)
+    view = grid[:, :2]  # a strided view, as the image stamps of a four-stamp batch
+    _arcsinh_inplace(view, chunk=64)
+    np.testing.assert_allclose(
+        grid[:, :2], np.arcsinh(np.linspace(-50, 50, 420).reshape(4, 3, 7, 5)[:, :2]), atol=4e-7
+    )
+    assert np.array_equal(
+        grid[:, 2], np.linspace(-50, 50, 420, dtype=np.float32).reshape(4, 3, 7, 5)[:, 2]
+    )
+
+
+def test_folded_batchnorm_gives_the_same_logits_and_leaves_the_net_alone():
+    import torch
+
+    torch.manual_seed(3)
+    net = RealBogusNet(ModelConfig(width=4, dense=8))
+    for layer in net.modules():  # statistics far from the identity, as after training
+        if isinstance(layer, torch.nn.BatchNorm2d):
+            layer.running_mean.uniform_(-2, 2)
+            layer.running_var.uniform_(0.2, 5)
+            layer.weight.data.uniform_(0.5, 2)
+            layer.bias.data.uniform_(-1, 1)
+    net.train()
+    x = torch.from_numpy(np.random.default_rng(8).normal(0, 1, (6, 4, 63, 63)).astype(np.float32))
+    folded = fold_batchnorm(net)
+    assert net.training  # the original keeps its mode and its layers
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules()) == 6
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    with torch.inference_mode():
+        expected = net.eval()(x)
+        np.testing.assert_allclose(folded(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+        assert np.abs(expected.numpy()).max() > 0.1  # a comparison of real numbers
 
 
 def test_masked_pixels_do_not_set_the_noise_scale():
