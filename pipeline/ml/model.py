@@ -50,8 +50,8 @@ class ModelConfig:
     ----------
     width : int
         Channels of the first stage (doubled at each of the three stages). 8 scores
-        about 2,000 triplets/s on 2 AVX2-only CPU cores (more with AVX-512); 16 is
-        about 2.5× slower.
+        1,750-1,970 triplets/s on 2 AVX2-only CPU cores (2,250-2,900/s on the
+        machines of earlier measurements); 16 is about 2.5× slower.
     dense : int
         Units of the hidden dense layer.
     dropout : float
