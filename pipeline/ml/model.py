@@ -12,7 +12,9 @@ probabilities.
 from __future__ import annotations
 
 import copy
+import functools
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -181,12 +183,26 @@ def normalise_triplets(
     if stamps.ndim != 4 or stamps.shape[1] not in (3, 4):
         raise ValueError(f"stamps must have shape (n, 3, h, w) or (n, 4, h, w), got {stamps.shape}")
     out = np.empty(stamps.shape, dtype=np.float32)
+    # A few candidates at a time, so the dozen passes below read and write the CPU's
+    # cache, not memory: a batch of 256 in one go took 62 ms, in pieces of ~1 MB 35-50 ms.
+    step = max(1, _NORMALISE_CHUNK // max(int(np.prod(stamps.shape[1:], dtype=np.int64)), 1))
+    for start in range(0, len(stamps), step):
+        _normalise_into(stamps[start : start + step], out[start : start + step], clip, orient)
+    return out
+
+
+_NORMALISE_CHUNK = 1 << 18  # values per piece of normalise_triplets (a 1 MB float32 block)
+
+
+def _normalise_into(stamps: np.ndarray, out: np.ndarray, clip: float, orient: bool) -> None:
+    """``normalise_triplets`` of a few candidates, written into ``out`` (float32, same shape)."""
     x = out[:, :3]  # the image stamps, scaled in place
     x[...] = stamps[:, :3]
-    valid = np.isfinite(x) & (x != 0)
-    x[~valid] = 0.0
+    invalid = ~np.isfinite(x)
+    invalid |= x == 0
+    np.copyto(x, np.float32(0.0), where=invalid)
     sample = x[:, :, ::2, ::2].reshape(x.shape[0], 3, -1)
-    kept = valid[:, :, ::2, ::2].reshape(sample.shape)
+    kept = ~invalid[:, :, ::2, ::2].reshape(sample.shape)
     median = _median_last(sample, kept)
     sigma = 1.4826 * _median_last(np.abs(sample - median[..., None]), kept)
     flat = ~(sigma > 0)
@@ -198,14 +214,13 @@ def normalise_triplets(
         sigma[flat] = np.where(spread > 0, spread, 1.0)
     x -= median[..., None, None]
     x *= (1.0 / (3.0 * sigma))[..., None, None].astype(np.float32)
-    x[~valid] = 0.0
+    np.copyto(x, np.float32(0.0), where=invalid)
     np.clip(x, -clip / 3.0, clip / 3.0, out=x)
     _arcsinh_inplace(x)
     if stamps.shape[1] == 4:  # NaN != 0: masked too
         np.multiply(stamps[:, 3] != 0, np.float32(MASK_LEVEL), out=out[:, 3])
     if orient:
         _orient(out)
-    return out
 
 
 def _arcsinh_inplace(x: np.ndarray, chunk: int = 1 << 16) -> None:
@@ -239,7 +254,8 @@ def fold_batchnorm(net: RealBogusNet) -> RealBogusNet:
 
     In eval mode a BatchNorm is a fixed affine map per channel, so it becomes part of the
     preceding convolution's weights and bias: the same logits to float rounding, and the
-    BatchNorms' share of the network's CPU time (22% on 2 cores) gone.
+    BatchNorms' share of the network's CPU time (22% on 2 cores) gone. Each convolution
+    and the ReLU after it then become one :class:`ConvReLU`, one oneDNN call on a CPU.
     ``net`` itself is left as it is; the copy is in eval mode, on ``net``'s device.
     """
     from torch.nn.utils.fusion import fuse_conv_bn_eval
@@ -249,6 +265,8 @@ def fold_batchnorm(net: RealBogusNet) -> RealBogusNet:
         for layer in stage:
             if isinstance(layer, nn.BatchNorm2d) and kept and isinstance(kept[-1], nn.Conv2d):
                 kept[-1] = fuse_conv_bn_eval(kept[-1], layer)
+            elif isinstance(layer, nn.ReLU) and kept and isinstance(kept[-1], nn.Conv2d):
+                kept[-1] = ConvReLU(kept[-1])
             else:
                 kept.append(layer)
         return nn.Sequential(*kept)
@@ -258,13 +276,60 @@ def fold_batchnorm(net: RealBogusNet) -> RealBogusNet:
     return folded
 
 
+class ConvReLU(nn.Module):
+    """A convolution followed by a ReLU, for inference.
+
+    On a CPU, in float32 with gradients off, both run as one oneDNN convolution with the
+    ReLU as its post-op (the operator torch's own compiler emits for this pattern): the
+    ReLU's separate pass over the output is gone, 10-15% of each convolution's time on
+    2 cores, and the result is the same to the bit. Anywhere else (a GPU, autograd, a
+    torch built without oneDNN) it is the two layers one after the other.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """ReLU(conv(x))."""
+        conv = self.conv
+        fused = _conv_relu_op()
+        if (
+            fused is not None
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and conv.padding_mode == "zeros"
+            and isinstance(conv.padding, tuple)
+        ):
+            bias = conv.bias
+            return fused(
+                x, conv.weight, bias, list(conv.padding), list(conv.stride),
+                list(conv.dilation), conv.groups, "relu", [None], "",
+            )  # fmt: skip
+        return torch.relu(conv(x))
+
+
+@functools.cache
+def _conv_relu_op() -> Callable[..., torch.Tensor] | None:
+    """The fused convolution + pointwise operator of oneDNN, or None where torch lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        return torch.ops.mkldnn._convolution_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+
+
 def _orient(x: np.ndarray) -> None:
     """In place: candidates whose difference centre is negative become positive ones."""
     h, w = x.shape[2:]
     core = x[:, 2, h // 2 - 2 : h // 2 + 3, w // 2 - 2 : w // 2 + 3].sum(axis=(1, 2))
-    fading = core < 0
-    if fading.any():
-        x[fading] = x[fading][:, [1, 0, 2, *range(3, x.shape[1])]]
+    fading = np.flatnonzero(core < 0)
+    if fading.size:
+        science = x[fading, 0]  # a copy: fancy indexing
+        x[fading, 0] = x[fading, 1]
+        x[fading, 1] = science
         x[fading, 2] *= -1.0
 
 
@@ -276,7 +341,8 @@ def _median_last(a: np.ndarray, valid: np.ndarray) -> np.ndarray:
     of 1024: 1.6 against 9 ms), which made the medians most of the normalisation's cost
     at inference.
     """
-    ordered = np.sort(np.where(valid, a, np.inf), axis=-1)
+    ordered = np.where(valid, a, np.inf)
+    ordered.sort(axis=-1)
     k = valid.sum(axis=-1)
     lo = np.maximum((k - 1) // 2, 0)[..., None]
     hi = np.minimum(k // 2, a.shape[-1] - 1)[..., None]

@@ -8,9 +8,11 @@ import pytest
 from pipeline.ml.metrics import binary_nll, roc_auc, roc_curve
 from pipeline.ml.model import (
     MASK_LEVEL,
+    ConvReLU,
     ModelConfig,
     RealBogusNet,
     _arcsinh_inplace,
+    _conv_relu_op,
     fit_temperature,
     fold_batchnorm,
     normalise_triplets,
@@ -126,6 +128,50 @@ def test_folded_batchnorm_gives_the_same_logits_and_leaves_the_net_alone():
         expected = net.eval()(x)
         np.testing.assert_allclose(folded(x).numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
         assert np.abs(expected.numpy()).max() > 0.1  # a comparison of real numbers
+
+
+def test_fused_convolution_and_relu_match_the_two_layers():
+    import torch
+
+    torch.manual_seed(4)
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1).eval()
+    x = torch.randn(5, 4, 63, 63).contiguous(memory_format=torch.channels_last)
+    fused = ConvReLU(conv)
+    with torch.inference_mode():
+        expected = torch.relu(conv(x))
+        got = fused(x)
+        assert torch.equal(got, expected)
+        plain = x.contiguous()  # the other layout: another kernel, the same numbers
+        torch.testing.assert_close(fused(plain), torch.relu(conv(plain)), rtol=1e-5, atol=1e-6)
+        assert (expected == 0).float().mean() > 0.3 and expected.max() > 0.5
+    if torch.backends.mkldnn.is_available():  # the fused operator is what ran
+        assert _conv_relu_op() is not None
+    y = fused(x[:2])  # with gradients: the two layers, so training could use it
+    y.sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+    net = fold_batchnorm(RealBogusNet(ModelConfig(width=4, dense=8)))
+    assert sum(isinstance(m, ConvReLU) for m in net.modules()) == 6
+    assert not any(isinstance(m, torch.nn.ReLU) for m in net.features.modules())
+
+
+def test_normalisation_in_pieces_matches_one_candidate_at_a_time(monkeypatch):
+    """Candidates are normalised a few at a time; none depends on its neighbours."""
+    from pipeline.ml import model
+
+    rng = np.random.default_rng(12)
+    stamps = rng.normal(100, 7, (11, 4, 63, 63)).astype(np.float32)
+    stamps[:, 3] = 0
+    stamps[2, 2, 29:34, 29:34] -= 300  # a fading source: swapped by orient
+    stamps[4, 0, :20] = 0  # masked
+    stamps[4, 3, :20] = 1
+    stamps[6, 1, 5:9, 40] = np.nan
+    stamps[8, 2] = 0  # all masked: spread fallback
+    alone = np.concatenate([normalise_triplets(s[None], orient=True) for s in stamps])
+    monkeypatch.setattr(model, "_NORMALISE_CHUNK", 3 * stamps[0].size)  # pieces of three
+    pieces = normalise_triplets(stamps, orient=True)
+    assert np.array_equal(pieces, alone)
+    assert np.array_equal(pieces[2, 0], alone[2, 0]) and pieces[2, 2, 31, 31] > 0
+    assert np.all(pieces[8, 2] == 0) and np.all(pieces[4, 3, :20] == MASK_LEVEL)
 
 
 def test_masked_pixels_do_not_set_the_noise_scale():
