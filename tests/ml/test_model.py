@@ -326,6 +326,16 @@ def test_batched_prediction_matches_one_pass():
     assert net.config.orient  # the default: fading candidates are turned
     whole = _logits(net, normalise_triplets(stamps, orient=True), batch_size=64)
     np.testing.assert_allclose(predict_logits(net, stamps, batch_size=3), whole, atol=1e-5)
+    threads = torch.get_num_threads()
+    try:  # batches shared among worker threads, in order, whatever their number
+        for n in (1, 3):
+            torch.set_num_threads(n)
+            got = predict_logits(net, stamps)
+            assert torch.get_num_threads() == n  # the caller's setting restored
+            np.testing.assert_allclose(got, whole, atol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+    assert predict_logits(net, stamps[:1]).shape == (1,)
 
 
 def test_position_aware_head_and_models_saved_before_it(tmp_path):
