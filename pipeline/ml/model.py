@@ -52,8 +52,7 @@ class ModelConfig:
     ----------
     width : int
         Channels of the first stage (doubled at each of the three stages). 8 scores
-        1,750-1,970 triplets/s on 2 AVX2-only CPU cores (2,250-2,900/s on the
-        machines of earlier measurements); 16 is about 2.5× slower.
+        2,370-2,560 triplets/s on 2 AVX2-only CPU cores; 16 is about 2.5× slower.
     dense : int
         Units of the hidden dense layer.
     dropout : float
