@@ -336,6 +336,12 @@ def test_batched_prediction_matches_one_pass():
     finally:
         torch.set_num_threads(threads)
     assert predict_logits(net, stamps[:1]).shape == (1,)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:  # callers in several threads take turns
+        for got in pool.map(lambda _: predict_logits(net, stamps), range(8)):
+            np.testing.assert_allclose(got, whole, atol=1e-5)
+    assert torch.get_num_threads() == threads
 
 
 def test_position_aware_head_and_models_saved_before_it(tmp_path):
