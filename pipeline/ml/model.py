@@ -142,6 +142,9 @@ class RealBogusNet(nn.Module):
         return self.head(self.features(x)).squeeze(1)
 
 
+_NORMALISE_CHUNK = 1 << 18  # values per piece of normalise_triplets (a 1 MB float32 block)
+
+
 def normalise_triplets(
     triplets: np.ndarray, clip: float = 1000.0, *, orient: bool = False
 ) -> np.ndarray:
@@ -188,9 +191,6 @@ def normalise_triplets(
     for start in range(0, len(stamps), step):
         _normalise_into(stamps[start : start + step], out[start : start + step], clip, orient)
     return out
-
-
-_NORMALISE_CHUNK = 1 << 18  # values per piece of normalise_triplets (a 1 MB float32 block)
 
 
 def _normalise_into(stamps: np.ndarray, out: np.ndarray, clip: float, orient: bool) -> None:
@@ -301,11 +301,8 @@ class ConvReLU(nn.Module):
             and conv.padding_mode == "zeros"
             and isinstance(conv.padding, tuple)
         ):
-            bias = conv.bias
-            return fused(
-                x, conv.weight, bias, list(conv.padding), list(conv.stride),
-                list(conv.dilation), conv.groups, "relu", [None], "",
-            )  # fmt: skip
+            geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+            return fused(x, conv.weight, conv.bias, *geometry, "relu", [None], "")
         return torch.relu(conv(x))
 
 
