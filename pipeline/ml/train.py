@@ -228,6 +228,19 @@ def predict_logits(
     with the next batch normalised alongside: those three threads on two cores fought,
     and OpenMP's spinning threads took the normaliser's core. On a GPU one thread
     normalises the next batch (256 by default) while the device scores this one.
+
+    Parameters
+    ----------
+    net : RealBogusNet
+        The trained network (left as it is).
+    triplets : ndarray, shape (n, 3 or 4, 63, 63)
+        Raw stamps, as ``cutout_triplets`` cuts them.
+    batch_size : int, optional
+        Triplets per batch; on a CPU at most an equal share per worker.
+
+    Returns
+    -------
+    ndarray of float32, shape (n,)
     """
     triplets = _channels_for(net.config, triplets, "scored")
     if len(triplets) == 0:
