@@ -11,20 +11,19 @@ by whichever process looks next, and the rest of the queue goes to the others.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import multiprocessing
 import os
 import pickle
 import tempfile
 import time
-from collections.abc import Iterator
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 from pipeline.ml.data import CandidateDataset
+from pipeline.ml.model import torch_threads
 from pipeline.ml.search import (
     TrialTracker,
     fail_abandoned_trials,
@@ -54,19 +53,6 @@ def threads_per_process(n_workers: int, cores: int | None = None) -> int:
         raise ValueError(f"n_workers must be at least 1, got {n_workers}")
     cores = cores or len(os.sched_getaffinity(0))
     return max(1, cores // n_workers)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run the block with ``threads`` torch threads in this process, then restore."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def work_with_processes(

@@ -32,6 +32,7 @@ from pipeline.ml.model import (
     normalise_triplets,
     pick_device,
     seed_everything,
+    torch_threads,
 )
 
 __all__ = ["TrainConfig", "TrainedModel", "load_model", "predict_logits", "train_model"]
@@ -260,17 +261,9 @@ def predict_logits(
         with _CPU_SCORING:  # one call at a time sets and restores torch's threads
             workers = torch.get_num_threads()
             size = max(1, min(batch_size or 64, math.ceil(len(triplets) / workers)))
-            torch.set_num_threads(1)
-            try:
-                with ThreadPoolExecutor(max_workers=workers) as pool:
-                    out = list(
-                        pool.map(
-                            lambda start: scored(prepared(start, size)),
-                            range(0, len(triplets), size),
-                        )
-                    )
-            finally:
-                torch.set_num_threads(workers)
+            starts = range(0, len(triplets), size)
+            with torch_threads(1), ThreadPoolExecutor(max_workers=workers) as pool:
+                out = list(pool.map(lambda start: scored(prepared(start, size)), starts))
         return torch.cat(out).numpy()
     size = max(1, batch_size or 256)
     out = []
