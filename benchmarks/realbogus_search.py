@@ -13,6 +13,7 @@ Usage::
 
     python benchmarks/realbogus_search.py                 # 20 trials
     python benchmarks/realbogus_search.py --trials 6 --pairs 8   # a quick look
+    python benchmarks/realbogus_search.py --workers 2   # two processes, one torch thread each
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from realbogus import code_digest  # the sibling benchmark (this folder is on sys.path)
 
 from pipeline.ml.data import load_dataset, save_dataset, simulated_dataset
-from pipeline.ml.search import run_search
+from pipeline.ml.search import open_storage, run_search
 
 # widths are those that meet the inference target (>= 2,000 triplets/s on 2 cores): with
 # the four stamps, width 6 runs at about 2,800/s, 8 at 2,700/s, 10 at 1,960/s, 12 at 1,480/s
@@ -81,6 +82,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=16)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes on the study, splitting the cores' threads (run_search n_workers)",
+    )
     parser.add_argument("--cache", type=Path, default=Path(".astr/bench/realbogus"))
     parser.add_argument(
         "--dataset", type=Path, help="a saved dataset (.npz), e.g. realbogus.py's cached one"
@@ -109,19 +116,23 @@ def main() -> None:
             n_trials=args.trials,
             base={"epochs": args.epochs},
             seed=0,
+            n_workers=args.workers,
         )
         wall = time.perf_counter() - began
         import optuna
 
-        study = optuna.load_study(study_name="benchmark", storage=storage)
-    epochs_run = sum(len(t.intermediate_values) for t in study.trials)
+        # a study of several processes lives in a journal beside the SQLite file
+        trials = optuna.load_study(
+            study_name="benchmark", storage=open_storage(storage, "benchmark")
+        ).trials
+    epochs_run = sum(len(t.intermediate_values) for t in trials)
     per_epoch = wall / max(epochs_run, 1)
-    complete = [len(t.intermediate_values) for t in study.trials if t.state.name == "COMPLETE"]
+    complete = [len(t.intermediate_values) for t in trials if t.state.name == "COMPLETE"]
     full = sum(complete) / max(len(complete), 1)  # epochs of a trial nobody prunes
-    unpruned = per_epoch * full * len(study.trials)
-    pruned_share = result.n_pruned / max(len(study.trials), 1)
+    unpruned = per_epoch * full * len(trials)
+    pruned_share = result.n_pruned / max(len(trials), 1)
     print(
-        f"trials {len(study.trials)}: complete {result.n_complete}, pruned {result.n_pruned}, "
+        f"trials {len(trials)}: complete {result.n_complete}, pruned {result.n_pruned}, "
         f"failed {result.n_failed}"
     )
     print(f"best validation loss {result.best_value:.4f} with {result.best_params}")
