@@ -86,7 +86,8 @@ def main() -> None:
         "--workers",
         type=int,
         default=1,
-        help="processes on the study, splitting the cores' threads (run_search n_workers)",
+        help="processes on the study (run_search n_workers); above 1 each gets cores // N "
+        "torch threads and --threads is not used",
     )
     parser.add_argument("--cache", type=Path, default=Path(".astr/bench/realbogus"))
     parser.add_argument(
@@ -139,7 +140,10 @@ def main() -> None:
     verdict = "MET" if wall <= 1800 else "NOT MET"
     if args.trials < 20:
         verdict = f"only {args.trials} trials asked"
-    print(f"search wall time {wall / 60:.1f} min (target <= 30 min for 20 trials): {verdict}")
+    print(
+        f"search wall time {wall / 60:.1f} min with {args.workers} process(es) "
+        f"(target <= 30 min for 20 trials): {verdict}"
+    )
     print(
         f"pruned share {pruned_share:.0%} (target >= 33%): "
         f"{'MET' if pruned_share >= 1 / 3 else 'NOT MET'}"
