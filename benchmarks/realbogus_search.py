@@ -75,6 +75,19 @@ def subset_images(data, n: int):
     )
 
 
+def _curve(trial) -> dict:
+    """A trial as JSON: what a pruner could be replayed on."""
+    return {
+        "number": trial.number,
+        "state": trial.state.name,
+        "params": trial.params,
+        "losses": [trial.intermediate_values[k] for k in sorted(trial.intermediate_values)],
+        "seconds": (trial.datetime_complete - trial.datetime_start).total_seconds()
+        if trial.datetime_complete and trial.datetime_start
+        else None,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
@@ -95,6 +108,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--images", type=int, default=0, help="use only this many images of --dataset (0: all)"
+    )
+    parser.add_argument(
+        "--curves",
+        type=Path,
+        help="write each trial's state, settings and per-epoch validation losses here (JSON)",
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,6 +144,14 @@ def main() -> None:
         trials = optuna.load_study(
             study_name="benchmark", storage=open_storage(storage, "benchmark")
         ).trials
+    for t in trials:
+        losses = " ".join(f"{v:.4f}" for _, v in sorted(t.intermediate_values.items()))
+        print(
+            f"  trial {t.number:2d} {t.state.name:8s} "
+            f"{len(t.intermediate_values):2d} epochs: {losses}"
+        )
+    if args.curves:
+        args.curves.write_text(json.dumps([_curve(t) for t in trials], indent=1))
     epochs_run = sum(len(t.intermediate_values) for t in trials)
     per_epoch = wall / max(epochs_run, 1)
     complete = [len(t.intermediate_values) for t in trials if t.state.name == "COMPLETE"]

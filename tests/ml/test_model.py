@@ -8,6 +8,7 @@ import pytest
 from pipeline.ml.metrics import binary_nll, roc_auc, roc_curve
 from pipeline.ml.model import (
     MASK_LEVEL,
+    BatchNorm2d,
     ConvReLU,
     ModelConfig,
     RealBogusNet,
@@ -17,7 +18,13 @@ from pipeline.ml.model import (
     fold_batchnorm,
     normalise_triplets,
 )
-from pipeline.ml.train import TrainConfig, _better, load_model, train_model
+from pipeline.ml.train import (
+    TrainConfig,
+    _better,
+    load_model,
+    train_model,
+    training_inputs,
+)
 
 
 def test_roc_auc_and_curve_on_known_values():
@@ -375,3 +382,51 @@ def test_position_aware_head_and_models_saved_before_it(tmp_path):
     assert loaded.config.model.head == "pool" and loaded.temperature == 1.5
     assert loaded.config.model.orient is False  # saved before orientation: not oriented
     assert loaded.config.model.mask is False  # ... and before the mask stamp: three read
+
+
+@pytest.mark.parametrize("channels", [6, 8])
+def test_batchnorm_in_channels_last_matches_torchs_in_values_gradients_and_state(channels):
+    import torch
+
+    torch.manual_seed(0)
+    x = (3.0 * torch.randn(16, channels, 21, 21) + 1.5).contiguous(
+        memory_format=torch.channels_last
+    )
+    ours, theirs = BatchNorm2d(channels), torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        for bn in (ours, theirs):
+            bn.weight.copy_(torch.linspace(0.5, 2.0, channels))
+            bn.bias.copy_(torch.linspace(-1.0, 1.0, channels))
+    outputs, grads = [], []
+    for bn in (ours, theirs):
+        xi = x.clone().requires_grad_(True)
+        out = bn(xi)
+        (out * torch.arange(out.numel()).reshape(out.shape).sin()).sum().backward()
+        outputs.append(out.detach())
+        grads.append((xi.grad, bn.weight.grad, bn.bias.grad))
+    assert outputs[0].is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0], grads[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    # the running statistics are updated alike (and the mean is not the initial 0)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    assert ours.running_mean.abs().min() > 0.1
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.eval(), theirs.eval()
+    torch.testing.assert_close(ours(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_training_on_inputs_made_once_is_the_same_run(night):
+    config = TrainConfig(epochs=2, batch_size=64, model=ModelConfig(width=6, dense=16))
+    inputs = training_inputs(night, config.model)
+    assert inputs.x_train.shape[1:] == (config.model.channels, 63, 63)
+    held = inputs.x_train.copy()
+    made_here = train_model(night, config)
+    given = train_model(night, config, inputs=inputs)
+    assert [h["val_loss"] for h in given.history] == [h["val_loss"] for h in made_here.history]
+    assert given.temperature == made_here.temperature
+    np.testing.assert_array_equal(inputs.x_train, held)  # training left them as they were
+    other = TrainConfig(epochs=1, model=ModelConfig(width=6, dense=16, orient=False))
+    with pytest.raises(ValueError, match=r"made from dataset .* \(orient=True\).*orient=False"):
+        train_model(night, other, inputs=inputs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.ml.search import SearchSpaceError, run_search, validate_search_space
+from pipeline.ml.train import training_inputs
 
 SPACE = {
     "learning_rate": {"type": "float", "low": 3e-4, "high": 3e-3, "log": True},
@@ -72,3 +73,76 @@ def test_search_runs_resumes_and_nests_trials_in_mlflow(tmp_path, candidate_nigh
     assert len(parents) == 3 and len(children) == 5
     assert {r.data.tags["mlflow.parentRunId"] for r in children} <= {p.info.run_id for p in parents}
     assert all("val_loss" in r.data.metrics for r in children)
+
+
+def test_one_process_normalises_the_dataset_once_for_all_its_trials(
+    tmp_path, candidate_night, monkeypatch
+):
+    import pipeline.ml.search as search
+
+    made = []
+
+    def counted(data, model):
+        made.append((data.dataset_id, model.channels, model.orient))
+        return training_inputs(data, model)
+
+    monkeypatch.setattr(search, "training_inputs", counted)
+    result = run_search(
+        candidate_night(4),
+        {"learning_rate": SPACE["learning_rate"]},
+        storage_url=f"sqlite:///{tmp_path}/optuna.db",
+        study_name="once",
+        n_trials=3,
+        base={"epochs": 1, "dense": 16, "width": 4},
+    )
+    assert result.n_complete + result.n_pruned + result.n_failed == 3 and not result.n_failed
+    assert len(made) == 1
+
+
+def _study_with_complete_trials(curves):
+    """An in-memory study holding complete trials with these per-epoch losses."""
+    import optuna
+
+    from pipeline.ml.search import _pruner
+
+    study = optuna.create_study(direction="minimize", pruner=_pruner())
+    for losses in curves:
+        study.add_trial(
+            optuna.trial.create_trial(
+                value=min(losses),
+                intermediate_values=dict(enumerate(losses, start=1)),
+                state=optuna.trial.TrialState.COMPLETE,
+            )
+        )
+    return study
+
+
+def test_pruner_keeps_trials_at_or_under_the_median_after_the_warm_up_epoch():
+    import optuna
+
+    # losses at epoch 2 of four complete trials: 0.20, 0.30, 0.40, 0.50 (median 0.35)
+    study = _study_with_complete_trials(
+        [[0.9, 0.20, 0.1], [0.9, 0.30, 0.1], [0.9, 0.40, 0.1], [0.9, 0.50, 0.1]]
+    )
+
+    def pruned(losses):
+        trial = study.ask()
+        for epoch, loss in enumerate(losses, start=1):
+            trial.report(loss, epoch)
+        verdict = trial.should_prune()
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return verdict
+
+    assert not pruned([5.0])  # the first epoch is the warm-up: never pruned there
+    assert pruned([0.5, 0.36])
+    assert not pruned([0.5, 0.34])
+    assert not pruned([0.5, 0.34, 0.1])  # epoch 3: 0.1 is the median
+    assert pruned([0.5, 0.34, 0.2])
+
+
+def test_pruner_waits_for_two_complete_trials():
+    study = _study_with_complete_trials([[0.9, 0.2, 0.1]])
+    trial = study.ask()
+    trial.report(0.9, 1)
+    trial.report(5.0, 2)
+    assert not trial.should_prune()
