@@ -424,8 +424,10 @@ def test_training_on_inputs_made_once_is_the_same_run(night):
     held = inputs.x_train.copy()
     made_here = train_model(night, config)
     given = train_model(night, config, inputs=inputs)
-    assert [h["val_loss"] for h in given.history] == [h["val_loss"] for h in made_here.history]
-    assert given.temperature == made_here.temperature
+    # the same run (to the tolerance of two identical runs, as above)
+    losses = [h["val_loss"] for h in made_here.history]
+    assert [h["val_loss"] for h in given.history] == pytest.approx(losses, rel=1e-4)
+    assert given.temperature == pytest.approx(made_here.temperature, rel=1e-4)
     np.testing.assert_array_equal(inputs.x_train, held)  # training left them as they were
     other = TrainConfig(epochs=1, model=ModelConfig(width=6, dense=16, orient=False))
     with pytest.raises(ValueError, match=r"made from dataset .* \(orient=True\).*orient=False"):
