@@ -124,7 +124,6 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.training
             and self.num_features % _LANES
             and x.device.type == "cpu"
-            and x.dim() == 4
             and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last)
         ):

@@ -560,28 +560,16 @@ def work_on_study(
     study_id = storage.get_study_id_from_name(study.study_name)
     stamp = worker_stamp()
     ran: list[int] = []
-    inputs: list[TrainingInputs] = []  # the last trial's normalised stamps, reused
+    held: TrainingInputs | None = None  # the last trial's normalised stamps, reused
     while deadline is None or time.time() < deadline:
         fail_abandoned_trials(study)
         trial = _claim(study, storage, study_id)
         if trial is None:
             break
         trial.set_user_attr(WORKER_ATTR, stamp)
-        _run_trial(study, trial, data, spec, tracker, inputs)
+        held = _run_trial(study, trial, data, spec, tracker, held)
         ran.append(trial.number)
     return tuple(ran)
-
-
-def _inputs_for(
-    data: CandidateDataset, config: TrainConfig, held: list[TrainingInputs] | None
-) -> TrainingInputs | None:
-    """The held inputs when they suit ``config``'s network, else new ones (then held)."""
-    if held is None:
-        return None
-    kind = (data.dataset_id, config.model.channels, config.model.orient)
-    if not held or (held[0].dataset_id, held[0].channels, held[0].orient) != kind:
-        held[:] = [training_inputs(data, config.model)]
-    return held[0]
 
 
 def _claim(study: optuna.Study, storage: Any, study_id: int) -> optuna.Trial | None:
@@ -605,12 +593,13 @@ def _run_trial(
     data: CandidateDataset,
     spec: Mapping[str, Any],
     tracker: TrialTracker | None,
-    inputs: list[TrainingInputs] | None = None,
-) -> None:
+    held: TrainingInputs | None = None,
+) -> TrainingInputs | None:
     """Train one trial's settings and tell the study how it ended.
 
-    ``inputs`` holds at most one ``TrainingInputs``: used when the trial's network reads
-    the stamps they were made for, else replaced by this trial's.
+    ``held``: normalised stamps of an earlier trial, used when this trial's network reads
+    the same ones. Returns the stamps this trial trained on (``held`` when it ends before
+    making any).
     """
     import optuna
 
@@ -631,9 +620,9 @@ def _run_trial(
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned at epoch {epoch}")
 
-        model = train_model(
-            data, config, on_epoch=on_epoch, inputs=_inputs_for(data, config, inputs)
-        )
+        if held is None or not held.suit(data, config.model):
+            held = training_inputs(data, config.model)
+        model = train_model(data, config, on_epoch=on_epoch, inputs=held)
     except optuna.TrialPruned:
         status = "KILLED"
         study.tell(trial, state=state.PRUNED)
@@ -656,6 +645,7 @@ def _run_trial(
     finally:
         if tracker is not None and trial.number in tracker.runs:
             tracker.end(trial.number, status)
+    return held
 
 
 # -- searches ---------------------------------------------------------------------------
