@@ -102,6 +102,9 @@ class ModelConfig:
         return asdict(self)
 
 
+_LANES = 8  # float32 lanes of an AVX2 vector
+
+
 class BatchNorm2d(nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that trains in NCHW where channels_last is slow.
 
@@ -110,12 +113,12 @@ class BatchNorm2d(nn.BatchNorm2d):
     AVX2) runs partly scalar and parallelises poorly. In training such a layer copies
     its input to NCHW, normalises it there and copies the result back: the same
     parameters, running statistics and state dict, the same result to float rounding.
-    A training step (batch 64, channels_last, 2 AVX2 cores, best/median of 15) took
-    90/111 ms against 151/177 for width 6 (6, 12 and 24 channels) with 2 threads, and
-    81/110 against 106/144 ms for width 4 with one; width 6 with one thread gained
-    nothing measurable. In eval mode, on a GPU, for an NCHW input or a multiple of 8
-    channels it is the parent (eval was slower copied: 871 against 627 ms a batch of
-    512 for width 6).
+    A training step (batch 64, channels_last, 2 AVX2 cores, best/median of 26, freed
+    memory kept as ``train_model`` keeps it) took 46/58 ms against 82/92 for width 4
+    (4, 8 and 16 channels) and 72/91 against 113/129 for width 6 with 2 threads; with one
+    thread, 64/90 against 80/110 (width 4) and 113/152 against 119/159 (width 6). In
+    eval mode, on a GPU, for an NCHW input or a multiple of 8 channels it is the parent
+    (eval was slower copied: 871 against 627 ms a batch of 512 for width 6).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,9 +133,6 @@ class BatchNorm2d(nn.BatchNorm2d):
             out = super().forward(x.contiguous())
             return out.contiguous(memory_format=torch.channels_last)
         return super().forward(x)
-
-
-_LANES = 8  # float32 lanes of an AVX2 vector
 
 
 class RealBogusNet(nn.Module):

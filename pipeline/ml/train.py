@@ -362,13 +362,13 @@ def training_inputs(data: CandidateDataset, model: ModelConfig) -> TrainingInput
     """
     _channels_for(model, data.triplets, f"of dataset {data.dataset_id}")
     channels, orient = model.channels, model.orient
-    train, val = data.subset("train"), data.subset("validation")
+    train, val = data.split == "train", data.split == "validation"
     return TrainingInputs(
         dataset_id=data.dataset_id,
         channels=channels,
         orient=orient,
-        x_train=normalise_triplets(train.triplets[:, :channels], orient=orient),
-        x_val=normalise_triplets(val.triplets[:, :channels], orient=orient),
+        x_train=normalise_triplets(data.triplets[train, :channels], orient=orient),
+        x_val=normalise_triplets(data.triplets[val, :channels], orient=orient),
     )
 
 
@@ -410,12 +410,13 @@ def train_model(
     """
     config = config or TrainConfig()
     keep_freed_memory()  # a step's buffers are reused, not mapped afresh (heap.py)
-    train, val = data.subset("train"), data.subset("validation")
-    for name, part in (("train", train), ("validation", val)):
-        if len(part) == 0 or part.label.min() == part.label.max():
+    # the splits' labels only: a subset() would copy every stamp of the split as well
+    y_train, y_val = data.label[data.split == "train"], data.label[data.split == "validation"]
+    for name, labels in (("train", y_train), ("validation", y_val)):
+        if len(labels) == 0 or labels.min() == labels.max():
             raise ValueError(
                 f"dataset {data.dataset_id}: the {name} split needs real and bogus "
-                f"candidates (it has {int(part.label.sum())} real of {len(part)})"
+                f"candidates (it has {int(labels.sum())} real of {len(labels)})"
             )
     seed_everything(config.seed)
     device = pick_device(config.device)
@@ -441,7 +442,7 @@ def train_model(
             f"(orient={config.model.orient}): make them with training_inputs(data, config.model)"
         )
     x_train, x_val = torch.from_numpy(inputs.x_train), inputs.x_val
-    y_train = torch.from_numpy(train.label.astype(np.float32))
+    y_train = torch.from_numpy(y_train.astype(np.float32))
     positives = float(y_train.sum())
     # Real candidates are the minority: weight them so both classes count equally.
     pos_weight = torch.tensor((len(y_train) - positives) / positives, device=device)
@@ -476,8 +477,8 @@ def train_model(
             scheduler.step()
             total += float(loss.detach()) * len(index)
         logits = _logits(net, x_val)
-        val_loss = binary_nll(_expit(logits), val.label)
-        val_auc = roc_auc(logits, val.label)
+        val_loss = binary_nll(_expit(logits), y_val)
+        val_auc = roc_auc(logits, y_val)
         metrics = {
             "train_loss": total / len(order),
             "val_loss": val_loss,
@@ -499,7 +500,7 @@ def train_model(
 
     net.load_state_dict(best[2])
     net = net.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    temperature = fit_temperature(_logits(net, x_val), val.label)
+    temperature = fit_temperature(_logits(net, x_val), y_val)
     return TrainedModel(
         net=net,
         temperature=temperature,
