@@ -13,7 +13,7 @@ prints on the held-out test images:
   threads, batched in ``channels_last``, against a baseline measured here (one triplet at
   a time, contiguous layout).
 
-Then the real DECam pair in ../shared/data/decam (science = the epoch-04 exposure
+Then the real DECam pair in tests/data/decam (science = the epoch-04 exposure
 ``DEC-OBS04a``, reference = the epoch-18 stack) with fake point sources injected with the
 science image's own PSF goes through the same pipeline; the trained model scores its
 candidates and the fraction of false candidates removed by ``rb_score >= 0.5`` and the
@@ -62,7 +62,7 @@ from pipeline.ml.train import TrainConfig, TrainedModel, load_model, train_model
 from pipeline.science.io import read_image
 
 REPO = Path(__file__).resolve().parents[1]
-DECAM = REPO.parent / "shared" / "data" / "decam"
+DECAM = REPO / "tests" / "data" / "decam"
 TARGETS = {"auc": 0.995, "fpr": 0.01, "ece": 0.02, "train_s": 900.0, "rate": 2000.0}
 FNR = 0.01
 _CACHE_FORMAT = 4  # bump when the data code changes what a setting produces

@@ -80,6 +80,7 @@ def make_image(
     ("name", "gain", "saturation"),
     [
         ("DEC-OBS04a.mini.fits", 3.984046692260535, 46536.1041736873),
+        ("DEC-OBS04b.mini.fits", 3.984046692260535, 46536.1041736873),
         ("Stack-DEC-OBS18.fits", 4.1505, 46251.0),
     ],
 )
