@@ -478,7 +478,7 @@ def quality_decam(
                     peers_python,
                     peers,
                     seconds,
-                    work / f"decam{exposure[8:11]}{trial}",
+                    work / f"decam-{exposure.split('.')[0]}-{trial}",
                     faked,
                     reference,
                     truth,
@@ -594,17 +594,31 @@ def main(argv: list[str] | None = None) -> int:
         # with 6 pairs S/N50 scatters by about ±0.3 from one set of seeds to the next
         help="simulated 1024² pairs of each kind (seeds 0..N-1)",
     )
-    parser.add_argument("--no-speed", action="store_true")
+    parser.add_argument("--no-speed", action="store_true", help="leave out the speed part")
+    parser.add_argument(
+        "--parts",
+        default="sim,decam,speed",
+        help="comma-separated parts to run: sim (simulated 1024² pairs), decam (the real "
+        "pairs), speed (the 2048² pair); default all",
+    )
     parser.add_argument("--json", help="also write the report to this file")
     args = parser.parse_args(argv)
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    unknown = parts - {"sim", "decam", "speed"}
+    if unknown or not parts:
+        parser.error(f"--parts takes sim, decam and speed, got {args.parts!r}")
+    if args.no_speed:
+        parts.discard("speed")
     seeds = [0] if args.quick else list(range(args.seeds))
     trials = 2 if args.quick else 40
     report: dict = {}
     with tempfile.TemporaryDirectory(prefix="astr-bench-") as tmp:
         work = Path(tmp)
-        quality_sim(report, seeds, args.peers_python, work)
-        quality_decam(report, trials, 15, args.peers_python, work)
-        if not args.no_speed:
+        if "sim" in parts:
+            quality_sim(report, seeds, args.peers_python, work)
+        if "decam" in parts:
+            quality_decam(report, trials, 15, args.peers_python, work)
+        if "speed" in parts:
             speed_2048(report)
     print_report(report)
     if args.json:
