@@ -444,49 +444,13 @@ def quality_decam(
     combined, peers = Outcome(), {"sfft": Outcome(), "properimage": Outcome()}
     seconds: dict[str, list[float]] = {"ours": [], "sfft": [], "properimage": []}
     for exposure in DECAM_SCIENCE:
+        name = exposure.split(".")[0]
         science = read_image(DECAM / exposure)
         base = preprocess_pair(science, reference)
-        psf = base.psf_science.global_stamp
-        sigma = float(np.median(base.science_rms))
-        # the same positions and S/N draws for every exposure: a paired comparison
-        rng = np.random.default_rng(2026)
-        ours = Outcome()
-        own_seconds = []
-        ny, nx = science.shape
-        for trial in range(trials):
-            xy = _spread_positions(rng, per_trial, nx, ny, margin=20, spacing=18)
-            snr = np.exp(rng.uniform(np.log(3), np.log(30), len(xy)))
-            flux = snr_to_flux(snr, sigma, psf)
-            faked = inject_fakes(science, psf, xy, flux, seed=trial)
-            truth = Table(
-                {
-                    "x": xy[:, 0],
-                    "y": xy[:, 1],
-                    "sign": np.ones(len(xy), int),
-                    "snr": flux_to_snr(flux, sigma, psf),
-                    "flux": flux,
-                }
-            )
-            t = time.perf_counter()
-            checked, passed, _ = run_ours(faked, reference)
-            own_seconds.append(time.perf_counter() - t)
-            result = score(truth, passed)
-            result.false_positives_raw = score(truth, checked).false_positives
-            ours.add(result)
-            if peers_python:
-                run_peers(
-                    peers_python,
-                    peers,
-                    seconds,
-                    work / f"decam-{exposure.split('.')[0]}-{trial}",
-                    faked,
-                    reference,
-                    truth,
-                    psf,
-                    None,
-                    flavor="crowded",
-                )
-        key = f"decam_{exposure.split('.')[0].removeprefix('DEC-')}"
+        ours, own_seconds = _decam_trials(
+            science, reference, base, trials, per_trial, peers_python, peers, seconds, work / name
+        )
+        key = f"decam_{name.removeprefix('DEC-')}"
         report[key] = summarise(ours)
         report[key]["snr_50_bound"] = THRESHOLD / efficiency_of(base)
         report[key]["snr_50_bound_correlated"] = THRESHOLD / efficiency_of(base, correlated=True)
@@ -499,6 +463,63 @@ def quality_decam(
         for peer, outcome in peers.items():
             report[f"decam_{peer}"] = summarise(outcome)
             report[f"decam_{peer}"]["seconds"] = float(np.median(seconds[peer]))
+
+
+def _decam_trials(
+    science,
+    reference,
+    base,
+    trials: int,
+    per_trial: int,
+    peers_python: str | None,
+    peers: dict[str, Outcome],
+    seconds: dict[str, list[float]],
+    work: Path,
+) -> tuple[Outcome, list[float]]:
+    """Our outcome and seconds on ``trials`` sets of fakes in one exposure (peers added to theirs).
+
+    The positions and S/N draws come from the same seed for every exposure, so the
+    exposures are compared on the same fakes.
+    """
+    psf = base.psf_science.global_stamp
+    sigma = float(np.median(base.science_rms))
+    rng = np.random.default_rng(2026)
+    ours, own_seconds = Outcome(), []
+    ny, nx = science.shape
+    for trial in range(trials):
+        xy = _spread_positions(rng, per_trial, nx, ny, margin=20, spacing=18)
+        snr = np.exp(rng.uniform(np.log(3), np.log(30), len(xy)))
+        flux = snr_to_flux(snr, sigma, psf)
+        faked = inject_fakes(science, psf, xy, flux, seed=trial)
+        truth = Table(
+            {
+                "x": xy[:, 0],
+                "y": xy[:, 1],
+                "sign": np.ones(len(xy), int),
+                "snr": flux_to_snr(flux, sigma, psf),
+                "flux": flux,
+            }
+        )
+        t = time.perf_counter()
+        checked, passed, _ = run_ours(faked, reference)
+        own_seconds.append(time.perf_counter() - t)
+        result = score(truth, passed)
+        result.false_positives_raw = score(truth, checked).false_positives
+        ours.add(result)
+        if peers_python:
+            run_peers(
+                peers_python,
+                peers,
+                seconds,
+                work / str(trial),
+                faked,
+                reference,
+                truth,
+                psf,
+                None,
+                flavor="crowded",
+            )
+    return ours, own_seconds
 
 
 def _spread_positions(rng, n, nx, ny, *, margin, spacing) -> np.ndarray:

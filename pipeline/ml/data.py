@@ -123,11 +123,15 @@ class CandidateDataset:
             digest.update("\x00".join(getattr(self, name).tolist()).encode())
         return digest.hexdigest()[:16]
 
-    def subset(self, split: str) -> CandidateDataset:
-        """The candidates of one split."""
+    def mask(self, split: str) -> np.ndarray:
+        """Which candidates belong to one split (no copy of their stamps)."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-        keep = self.split == split
+        return self.split == split
+
+    def subset(self, split: str) -> CandidateDataset:
+        """The candidates of one split."""
+        keep = self.mask(split)
         return CandidateDataset(**{name: getattr(self, name)[keep] for name in _FIELDS})
 
     def counts(self) -> dict[str, dict[str, int]]:

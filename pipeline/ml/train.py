@@ -362,7 +362,7 @@ def training_inputs(data: CandidateDataset, model: ModelConfig) -> TrainingInput
     """
     _channels_for(model, data.triplets, f"of dataset {data.dataset_id}")
     channels, orient = model.channels, model.orient
-    train, val = data.split == "train", data.split == "validation"
+    train, val = data.mask("train"), data.mask("validation")
     return TrainingInputs(
         dataset_id=data.dataset_id,
         channels=channels,
@@ -411,8 +411,8 @@ def train_model(
     config = config or TrainConfig()
     keep_freed_memory()  # a step's buffers are reused, not mapped afresh (heap.py)
     # the splits' labels only: a subset() would copy every stamp of the split as well
-    y_train, y_val = data.label[data.split == "train"], data.label[data.split == "validation"]
-    for name, labels in (("train", y_train), ("validation", y_val)):
+    labels_train, y_val = data.label[data.mask("train")], data.label[data.mask("validation")]
+    for name, labels in (("train", labels_train), ("validation", y_val)):
         if len(labels) == 0 or labels.min() == labels.max():
             raise ValueError(
                 f"dataset {data.dataset_id}: the {name} split needs real and bogus "
@@ -442,7 +442,7 @@ def train_model(
             f"(orient={config.model.orient}): make them with training_inputs(data, config.model)"
         )
     x_train, x_val = torch.from_numpy(inputs.x_train), inputs.x_val
-    y_train = torch.from_numpy(y_train.astype(np.float32))
+    y_train = torch.from_numpy(labels_train.astype(np.float32))
     positives = float(y_train.sum())
     # Real candidates are the minority: weight them so both classes count equally.
     pos_weight = torch.tensor((len(y_train) - positives) / positives, device=device)

@@ -82,6 +82,18 @@ def small() -> object:
     )
 
 
+def test_split_mask_matches_subset_and_rejects_unknown_split(small):
+    data = small
+    for split in ("train", "validation", "test"):
+        mask = data.mask(split)
+        assert mask.dtype == bool and mask.sum() == len(data.subset(split)) > 0
+        np.testing.assert_array_equal(data.label[mask], data.subset(split).label)
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        data.mask("holdout")
+    with pytest.raises(ValueError, match="unknown split"):
+        data.subset("holdout")
+
+
 def test_simulated_dataset_from_our_own_detections(small):
     data = small
     assert data.triplets.shape == (len(data), 4, 63, 63) and data.triplets.dtype == np.float32
