@@ -15,6 +15,7 @@ from pipeline.science.background import estimate_background
 from pipeline.science.masks import grow
 from pipeline.science.parallel import thread_map
 from pipeline.science.preprocessing import FATAL, PreprocessedPair
+from pipeline.science.starshift import correct_star_shifts
 from pipeline.science.zogy import torch_available, zogy
 
 __all__ = ["Difference", "difference_pair", "tile_slices"]
@@ -48,6 +49,10 @@ class Difference:
         The same measured at resolved sources (galaxies), applied over them.
     seconds : float
         Wall time of the differencing.
+    star_shifts : Table
+        Bright stars whose own shift between the epochs was fitted and removed from S
+        (x, y, dx, dy, dx_err, dy_err; see :mod:`pipeline.science.starshift`). D keeps
+        their dipoles.
     """
 
     D: np.ndarray
@@ -64,6 +69,7 @@ class Difference:
     flux_floor_extended: float = 0.0
     seconds: float = 0.0
     tiles: list[tuple[int, int]] = field(default_factory=list)
+    star_shifts: Table = field(default_factory=Table)
 
 
 def tile_slices(
@@ -101,6 +107,7 @@ def difference_pair(
     source_noise: bool = True,
     astrometric_noise: bool = True,
     flux_floor: bool = True,
+    star_shifts: bool = True,
     renormalise: bool = True,
     mask_growth: float = 1.5,
     tile_size: int = 256,
@@ -123,6 +130,12 @@ def difference_pair(
         Measure the residuals that PSF and flux-scale errors leave at bright stars and
         add the matching fractional flux error to V_S, so static sources are not
         significant; transients on bright hosts lose some significance in exchange.
+    star_shifts : bool
+        Fit each bright star's own shift between the epochs (colour refraction, proper
+        motion) from its dipole in S, remove it, and give the astrometric variance around
+        it the fit's error instead of the field's scatter
+        (:func:`~pipeline.science.starshift.correct_star_shifts`). Needs
+        ``astrometric_noise``.
     renormalise : bool
         Divide S_corr by the robust standard deviation of its noise (valid pixels away
         from significant peaks, which are transients and residuals, not noise). Resampling
@@ -167,6 +180,7 @@ def difference_pair(
     if backend == "auto":
         backend = "torch" if torch_available() else "numpy"
     slices = tile_slices(shape, grid, margin)
+    per_score = [1.0] * len(slices)  # α (science ADU) per unit of S, tile by tile
     # tiles are independent and write disjoint regions; small transforms gain little
     # from threads of their own, so on the CPU the tiles themselves run side by side
     # (the transforms release the GIL)
@@ -199,6 +213,7 @@ def difference_pair(
         # alpha is in reference units; report science ADU, as fakes are injected there
         outputs["alpha"][own] = ratio * result.alpha[inner]
         outputs["err"][own] = ratio * result.alpha_err[inner]
+        per_score[index] = ratio / result.F_S
         if divmod(index, grid[1]) == centre_tile:
             p_d, f_d = result.P_D, result.F_D
 
@@ -209,6 +224,17 @@ def difference_pair(
     sources = pair.reference_sources
     point = _point_like(sources, pair.psf_reference.global_stamp)
     excluded = invalid | grow(pair.mask > 0, int(fwhm))
+    shifts = Table()
+    if star_shifts and max(sigma_ast) > 0:
+        shifts = correct_star_shifts(outputs, sources[point], sigma_ast, fwhm, excluded)
+        half = int(np.ceil(3.0 * fwhm)) + 1  # the reach of a star's correction
+        for x, y in zip(shifts["x"], shifts["y"], strict=True):
+            ix, iy = int(np.rint(x)), int(np.rint(y))
+            window = (
+                slice(max(0, iy - half), iy + half + 1),
+                slice(max(0, ix - half), ix + half + 1),
+            )
+            _rescore(outputs, window, slices, per_score)
     floor = extended = 0.0
     if flux_floor:
         floor = calibrate_flux_floor(outputs, sources[point], excluded, fwhm)
@@ -253,7 +279,26 @@ def difference_pair(
         backend=backend,
         seconds=time.perf_counter() - start,
         tiles=[(int(s[1][0].start), int(s[1][1].start)) for s in slices],
+        star_shifts=shifts,
     )
+
+
+def _rescore(
+    outputs: dict[str, np.ndarray],
+    window: tuple[slice, slice],
+    slices: list,
+    per_score: list[float],
+) -> None:
+    """α and its error again from S and V in ``window``, with each tile's α per unit of S."""
+    for (_, own, _), k in zip(slices, per_score, strict=True):
+        part = tuple(
+            slice(max(w.start, o.start), min(w.stop, o.stop))
+            for w, o in zip(window, own, strict=True)
+        )
+        if part[0].start >= part[0].stop or part[1].start >= part[1].stop:
+            continue
+        outputs["alpha"][part] = k * outputs["S"][part]
+        outputs["err"][part] = k * np.sqrt(outputs["V"][part])
 
 
 def _source_noise(pair: PreprocessedPair, tile: tuple[slice, slice]) -> dict[str, Any]:

@@ -169,7 +169,7 @@ def _pre_meta(pair: PreprocessedPair) -> dict[str, Any]:
 
 
 def save_difference(diff: Difference, wcs: WCS, path: str | os.PathLike[str]) -> None:
-    """Write ZOGY products (D, S, S_corr, alpha, alpha_err, invalid, P_D) to one FITS file."""
+    """Write ZOGY products (D, S, S_corr, alpha, alpha_err, invalid, P_D, star shifts) to FITS."""
     header = wcs.to_header()
     header["F_D"] = (diff.F_D, "flux zero point of D")
     header["SCORRSC"] = (diff.scorr_scale, "robust std of S_corr before renormalising")
@@ -184,6 +184,8 @@ def save_difference(diff: Difference, wcs: WCS, path: str | os.PathLike[str]) ->
         )
     hdus.append(fits.ImageHDU(diff.invalid.astype(np.uint8), name="INVALID"))
     hdus.append(fits.ImageHDU(diff.P_D.astype(np.float32), name="P_D"))
+    if diff.star_shifts.colnames:
+        hdus.append(fits.BinTableHDU(diff.star_shifts, name="STARSHIFT"))
     _atomic_write(fits.HDUList(hdus), path)
 
 
@@ -202,6 +204,7 @@ def load_difference(path: str | os.PathLike[str]) -> tuple[Difference, WCS]:
             seconds=float(head["ZOGYSEC"]),
             flux_floor=float(head.get("FLXFLOOR", 0.0)),
             flux_floor_extended=float(head.get("FLXFLEXT", 0.0)),
+            star_shifts=Table.read(hdul["STARSHIFT"]) if "STARSHIFT" in hdul else Table(),
         )
         return diff, WCS(hdul["D"].header)
 

@@ -90,6 +90,15 @@ def test_difference_round_trip_keeps_the_flux_floor(pipeline_run, saved) -> None
     assert loaded.flux_floor == pipeline_run.diff.flux_floor
 
 
+def test_difference_round_trip_keeps_the_star_shifts(pipeline_run, saved) -> None:
+    shifts = pipeline_run.diff.star_shifts
+    assert len(shifts) > 0  # the simulated pair is registered: its bright stars are fitted
+    loaded, _ = load_difference(saved / "diff.fits")
+    assert loaded.star_shifts.colnames == shifts.colnames
+    for name in shifts.colnames:
+        np.testing.assert_array_equal(loaded.star_shifts[name], shifts[name])
+
+
 def test_missing_products_name_the_step_to_run(tmp_path: Path) -> None:
     with pytest.raises(ScienceError, match="run the step that makes the preprocessed pair"):
         load_preprocessed(tmp_path / "nope.fits")
