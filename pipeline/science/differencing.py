@@ -173,7 +173,7 @@ def difference_pair(
     reg = pair.registration
     sigma_ast = reg.rms if (astrometric_noise and reg is not None and reg.refined) else (0.0, 0.0)
     ratio = pair.flux.ratio
-    keys = ("D", "S", "V", "S_N", "S_R", "alpha", "err")
+    keys = ("D", "S", "V", "S_N", "S_R")
     outputs = {k: np.zeros(shape, dtype=np.float32) for k in keys}
     centre_tile = (grid[0] // 2, grid[1] // 2)
     p_d, f_d = None, 1.0
@@ -210,9 +210,7 @@ def difference_pair(
         outputs["V"][own] = result.V_S[inner]
         outputs["S_N"][own] = result.S_N[inner]
         outputs["S_R"][own] = result.S_R[inner]
-        # alpha is in reference units; report science ADU, as fakes are injected there
-        outputs["alpha"][own] = ratio * result.alpha[inner]
-        outputs["err"][own] = ratio * result.alpha_err[inner]
+        # α = S / F_S is in reference units; report science ADU, as fakes are injected there
         per_score[index] = ratio / result.F_S
         if divmod(index, grid[1]) == centre_tile:
             p_d, f_d = result.P_D, result.F_D
@@ -225,16 +223,11 @@ def difference_pair(
     point = _point_like(sources, pair.psf_reference.global_stamp)
     excluded = invalid | grow(pair.mask > 0, int(fwhm))
     shifts = Table()
-    if star_shifts and max(sigma_ast) > 0:
+    if star_shifts:
         shifts = correct_star_shifts(outputs, sources[point], sigma_ast, fwhm, excluded)
-        half = int(np.ceil(3.0 * fwhm)) + 1  # the reach of a star's correction
-        for x, y in zip(shifts["x"], shifts["y"], strict=True):
-            ix, iy = int(np.rint(x)), int(np.rint(y))
-            window = (
-                slice(max(0, iy - half), iy + half + 1),
-                slice(max(0, ix - half), ix + half + 1),
-            )
-            _rescore(outputs, window, slices, per_score)
+    # α and its error follow from S and V, tile by tile (each tile has its own F_S), once
+    # the star shifts have corrected both
+    outputs["alpha"], outputs["err"] = _psf_flux(outputs, slices, per_score)
     floor = extended = 0.0
     if flux_floor:
         floor = calibrate_flux_floor(outputs, sources[point], excluded, fwhm)
@@ -283,22 +276,17 @@ def difference_pair(
     )
 
 
-def _rescore(
-    outputs: dict[str, np.ndarray],
-    window: tuple[slice, slice],
-    slices: list,
-    per_score: list[float],
-) -> None:
-    """α and its error again from S and V in ``window``, with each tile's α per unit of S."""
+def _psf_flux(
+    outputs: dict[str, np.ndarray], slices: list, per_score: list[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """α = k·S and its error k·√V, with k each tile's α per unit of S."""
+    alpha = np.empty_like(outputs["S"])
+    err = np.empty_like(outputs["V"])
     for (_, own, _), k in zip(slices, per_score, strict=True):
-        part = tuple(
-            slice(max(w.start, o.start), min(w.stop, o.stop))
-            for w, o in zip(window, own, strict=True)
-        )
-        if part[0].start >= part[0].stop or part[1].start >= part[1].stop:
-            continue
-        outputs["alpha"][part] = k * outputs["S"][part]
-        outputs["err"][part] = k * np.sqrt(outputs["V"][part])
+        np.multiply(outputs["S"][own], np.float32(k), out=alpha[own])
+        np.sqrt(outputs["V"][own], out=err[own])
+        err[own] *= np.float32(k)
+    return alpha, err
 
 
 def _source_noise(pair: PreprocessedPair, tile: tuple[slice, slice]) -> dict[str, Any]:
