@@ -81,12 +81,14 @@ def find_sources(
     )
     # windowed centroids (SExtractor's XWIN): far less noisy than isophotal ones, which
     # matters for registration, whose residual scatter becomes ZOGY's astrometric noise
-    # (only for sources bright enough to be used for either: it costs per source)
+    # (only for sources bright enough to be used for either: it costs per source).
+    # subpix=0 takes the window's exact pixel overlaps: within 1e-4 px of sep's default
+    # 11×11 sampling and about twice as fast
     x, y = objects["x"].astype(float).copy(), objects["y"].astype(float).copy()
     bright = np.flatnonzero(flux > 10.0 * np.maximum(flux_err, 1e-12))
     if len(bright):
         sig = np.clip(2.0 * np.nan_to_num(r50[bright], nan=1.0) / 2.35, 0.5, 10.0)
-        xwin, ywin, wflag = sep.winpos(image, x[bright], y[bright], sig, mask=ignore)
+        xwin, ywin, wflag = sep.winpos(image, x[bright], y[bright], sig, mask=ignore, subpix=0)
         good = (wflag == 0) & np.isfinite(xwin) & np.isfinite(ywin)
         good &= np.hypot(xwin - x[bright], ywin - y[bright]) < 2.0
         x[bright[good]], y[bright[good]] = xwin[good], ywin[good]
