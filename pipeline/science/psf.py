@@ -150,7 +150,9 @@ def build_psf(
         )
     if size is None:
         size = stamp_size_for(stars, data.shape)
-    stamps, xs, ys, fluxes = _star_stamps(data, stars, size, mask)
+    # r50 of a Moffat profile is ~0.6 FWHM (see stamp_size_for)
+    fwhm_guess = 1.8 * float(np.median(stars["r50"])) if "r50" in stars.colnames else size / 10
+    stamps, xs, ys, fluxes = _star_stamps(data, stars, size, mask, fwhm_guess)
     if len(stamps) < 2:
         raise ScienceError(f"only {len(stamps)} PSF stars have clean {size}×{size} stamps")
     # a normalised stamp's noise in the background-limited wings goes as 1/flux, so
@@ -180,22 +182,12 @@ def _smooth_wings(basis: np.ndarray, fwhm: float) -> np.ndarray:
     size = basis.shape[-1]
     centre = (size - 1) / 2
     yy, xx = np.indices((size, size))
-    dy, dx = yy - centre, xx - centre
-    radius = np.hypot(dy, dx)
-    # annuli follow the PSF's own ellipticity (second moments of its core), so the
-    # averaged wings keep the shape of the real ones
-    core = np.clip(basis[0], 0, None) * (radius < 2.0 * fwhm)
-    cov = (
-        np.array(
-            [
-                [np.sum(core * dx * dx), np.sum(core * dx * dy)],
-                [np.sum(core * dx * dy), np.sum(core * dy * dy)],
-            ]
-        )
-        / core.sum()
-    )
-    inv = np.linalg.inv(cov) * np.sqrt(np.linalg.det(cov))  # unit-determinant metric
-    ellip = np.sqrt(inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy)
+    radius = np.hypot(yy - centre, xx - centre)
+    # annuli follow the PSF's own ellipticity, so the averaged wings keep the shape of
+    # the real ones
+    ellip = _elliptical_radius(basis[0], 2.0 * fwhm)
+    if ellip is None:
+        ellip = radius
     inner, outer = 2.0 * fwhm, 3.5 * fwhm
     weight = np.clip((outer - ellip) / max(outer - inner, 1e-6), 0.0, 1.0)
     weight = 0.5 - 0.5 * np.cos(np.pi * weight)
@@ -208,6 +200,32 @@ def _smooth_wings(basis: np.ndarray, fwhm: float) -> np.ndarray:
     # profile: fade the wings to zero there (they hold a negligible share of the flux)
     edge = np.clip((centre - radius) / max(0.15 * centre, 1.0), 0.0, 1.0)
     return smooth * edge
+
+
+def _elliptical_radius(stamp: np.ndarray, core_radius: float) -> np.ndarray | None:
+    """Each pixel's radius along ellipses of the stamp's core, scaled to keep areas.
+
+    The ellipses are the second moments of the light within ``core_radius`` of the
+    centre; None for a core with no light.
+    """
+    centre = (stamp.shape[0] - 1) / 2
+    yy, xx = np.indices(stamp.shape)
+    dy, dx = yy - centre, xx - centre
+    core = np.clip(stamp, 0, None) * (np.hypot(dy, dx) < core_radius)
+    if not core.sum() > 0:
+        return None
+    moments = np.array(
+        [
+            [np.sum(core * dx * dx), np.sum(core * dx * dy)],
+            [np.sum(core * dx * dy), np.sum(core * dy * dy)],
+        ]
+    )
+    det = np.linalg.det(moments)
+    if not det > 0:
+        return None
+    inv = np.linalg.inv(moments) * np.sqrt(det)  # unit-determinant metric
+    squared = inv[0, 0] * dx * dx + 2 * inv[0, 1] * dx * dy + inv[1, 1] * dy * dy
+    return np.sqrt(np.clip(squared, 0.0, None))
 
 
 def _wing_profile(stamp: np.ndarray, rings: np.ndarray, fwhm: float) -> np.ndarray:
@@ -361,7 +379,7 @@ def _fit_basis(stamps: np.ndarray, terms: np.ndarray, star_weights: np.ndarray) 
         seen = present.any(axis=0)
         spread = np.full(values.shape[1], np.inf)
         absolute = np.where(present, np.abs(resid), np.nan)[:, seen]
-        spread[seen] = 1.4826 * np.nanmedian(absolute, axis=0) + 1e-9
+        spread[seen] = 1.4826 * _nanmedian_columns(absolute) + 1e-9
         weights = star_weights[:, None] * present * (np.abs(resid) < 3.0 * spread)
     basis = coef.reshape(terms.shape[1], sy, sx)
     return _recentre(basis)
@@ -381,8 +399,8 @@ def _far_from_median(values: np.ndarray, present: np.ndarray, nsigma: float = 5.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # pixels no star covers
         data = np.where(present, values, np.nan)
-        median = np.nanmedian(data, axis=0)
-        spread = 1.4826 * np.nanmedian(np.abs(data - median), axis=0)
+        median = _nanmedian_columns(data)
+        spread = 1.4826 * _nanmedian_columns(np.abs(data - median))
     return np.abs(values - median) > nsigma * spread + 1e-9
 
 
@@ -399,13 +417,18 @@ def _recentre(basis: np.ndarray) -> np.ndarray:
 
 
 def _star_stamps(
-    data: np.ndarray, stars: Table, size: int, mask: np.ndarray | None
+    data: np.ndarray,
+    stars: Table,
+    size: int,
+    mask: np.ndarray | None,
+    fwhm: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Recentre each star on its stamp centre and normalise it by its central flux.
 
     Stamps may reach past the image edge (those pixels count as missing), so stars
     near the border still help; each is normalised by the flux in a central box that
-    must be complete, and the model is renormalised to unit sum at the end.
+    must be complete, and the model is renormalised to unit sum at the end. With
+    ``fwhm``, faint neighbours in each stamp's wings are left out (:func:`_neighbours`).
     """
     half = size // 2
     pad = 3
@@ -426,6 +449,11 @@ def _star_stamps(
         shifted = ndimage.shift(np.where(bad, 0.0, cut), shift, order=3, mode="nearest")
         lost = ndimage.shift(bad.astype(float), shift, order=1) > 0.01
         stamp = np.where(lost, np.nan, shifted)[pad:-pad, pad:-pad]
+        if fwhm is not None:
+            # the central box normalises the stamp: it stays whole
+            drop = _neighbours(stamp, fwhm)
+            drop[half - box : half + box + 1, half - box : half + box + 1] = False
+            stamp = np.where(drop, np.nan, stamp)
         total = float(np.sum(stamp[half - box : half + box + 1, half - box : half + box + 1]))
         if not total > 0:
             continue
@@ -434,3 +462,84 @@ def _star_stamps(
         ys.append(y)
         fluxes.append(total)
     return np.asarray(stamps), np.asarray(xs), np.asarray(ys), np.asarray(fluxes)
+
+
+def _neighbours(
+    stamp: np.ndarray, fwhm: float, *, nsigma: float = 7.0, relative: float = 0.5
+) -> np.ndarray:
+    """Pixels of faint sources in a star's wings: what the star's own profile does not explain.
+
+    The brightest PSF stars weigh most in the fit, so a faint neighbour in the wings
+    of one of them (too close or too faint for the source extraction to split it from
+    the star: a transient beside it, above all) becomes a bump in the PSF, and the
+    difference image then subtracts that neighbour from itself. Here the star's own
+    profile is its median along ellipses (the core's second moments, so an elliptical
+    PSF leaves no residual lobes); the residual, smoothed by a Gaussian of the FWHM
+    (a matched filter for a point source), is searched beyond 1.5 FWHM for peaks above
+    ``nsigma`` times its noise, measured on the stamp's outskirts, and above
+    ``relative`` times the smoothed profile there. The pixels within 1.5 FWHM of those
+    (most of a point source's light) are returned.
+    """
+    centre = (stamp.shape[0] - 1) / 2
+    yy, xx = np.indices(stamp.shape)
+    radius = np.hypot(yy - centre, xx - centre)
+    finite = np.isfinite(stamp)
+    values = np.where(finite, stamp, 0.0)
+    ellip = _elliptical_radius(values, 1.5 * fwhm)
+    if ellip is None:
+        return np.zeros(stamp.shape, dtype=bool)
+    profile = _ring_medians(values[finite], np.rint(ellip[finite]).astype(int))
+    # interpolated between rings: a ring's median is its centre's, and within one ring
+    # the profile of a bright core changes by tens of per cent
+    model = np.interp(ellip, np.arange(len(profile)), profile)
+    residual = np.where(finite, values - model, 0.0)
+    outskirts = finite & (radius > 3.0 * fwhm)
+    if outskirts.sum() < 50:
+        outskirts = finite & (radius > 1.5 * fwhm)
+    if outskirts.sum() < 20:
+        return np.zeros(stamp.shape, dtype=bool)
+    pixel_noise = 1.4826 * float(np.median(np.abs(residual[outskirts])))
+    sigma = fwhm / 2.3548
+    weight = ndimage.gaussian_filter(finite.astype(float), sigma, mode="constant")
+    smooth = ndimage.gaussian_filter(residual, sigma, mode="constant") / np.maximum(weight, 1e-3)
+    noise = pixel_noise / (2.0 * np.sqrt(np.pi) * sigma)  # white noise through the filter
+    # a PSF's own departures from its elliptical profile (coma, trefoil, wings of
+    # another shape) are a fraction of it; a neighbour in the wings outshines them
+    level = ndimage.gaussian_filter(np.where(finite, model, 0.0), sigma, mode="constant")
+    level /= np.maximum(weight, 1e-3)
+    peaks = (smooth > np.maximum(nsigma * noise, relative * level)) & (radius > 1.5 * fwhm)
+    peaks &= weight > 0.5
+    if not peaks.any():
+        return np.zeros(stamp.shape, dtype=bool)
+    reach = int(np.ceil(1.5 * fwhm))
+    disc = np.hypot(*np.mgrid[-reach : reach + 1, -reach : reach + 1]) <= 1.5 * fwhm
+    return ndimage.binary_dilation(peaks, structure=disc)
+
+
+def _ring_medians(values: np.ndarray, rings: np.ndarray) -> np.ndarray:
+    """Median of ``values`` per ring index 0..max(rings) (0 for an empty ring), sorted once."""
+    order = np.lexsort((values, rings))
+    ordered, keys = values[order], rings[order]
+    index = np.arange(int(rings.max()) + 1)
+    start = np.searchsorted(keys, index, side="left")
+    count = np.searchsorted(keys, index, side="right") - start
+    low = np.clip(start + (count - 1) // 2, 0, len(ordered) - 1)
+    high = np.clip(start + count // 2, 0, len(ordered) - 1)
+    return np.where(count > 0, 0.5 * (ordered[low] + ordered[high]), 0.0)
+
+
+def _nanmedian_columns(values: np.ndarray) -> np.ndarray:
+    """``np.nanmedian(values, axis=0)`` by one sort.
+
+    numpy's own takes a slow per-column path as soon as a column holds a NaN (masked
+    neighbours, stamps past the image's edge).
+    """
+    present = np.isfinite(values)
+    ordered = np.sort(np.where(present, values, np.inf), axis=0)
+    count = present.sum(axis=0)
+    low = np.clip((count - 1) // 2, 0, None)[None]
+    high = (count // 2)[None]
+    low_value = np.take_along_axis(ordered, low, axis=0)[0]
+    high_value = np.take_along_axis(ordered, np.minimum(high, len(values) - 1), axis=0)[0]
+    with np.errstate(invalid="ignore"):
+        return np.where(count > 0, 0.5 * (low_value + high_value), np.nan)

@@ -189,3 +189,41 @@ def test_bright_neighbours_do_not_bend_the_spatial_terms() -> None:
     psf = pair.psf_reference
     assert aperture_fraction(psf.global_stamp, 3.0 * psf.fwhm) > 0.97
     assert pair.flux.ratio == pytest.approx(0.8, rel=0.02)
+
+
+def _bump_at(model, truth: np.ndarray, dx: float, dy: float) -> float:
+    """The model's excess over the truth within 2 px of offset (dx, dy), over the truth there."""
+    centre = model.size // 2
+    yy, xx = np.indices(truth.shape)
+    near = np.hypot(xx - centre - dx, yy - centre - dy) <= 2.0
+    return float((model.global_stamp[near].sum() - truth[near].sum()) / truth[near].sum())
+
+
+def test_a_faint_neighbour_of_the_brightest_star_stays_out_of_the_psf(
+    grid_positions, render_stars, monkeypatch
+) -> None:
+    """The brightest star weighs most in the fit; a source in its wings that the extraction
+    does not split from it (a transient beside it, above all) must not become part of the
+    PSF, or the difference subtracts that source from itself."""
+    from pipeline.science import psf as psf_module
+
+    rng = np.random.default_rng(3)
+    shape, fwhm, beta = (320, 320), 3.5, 3.0
+    x, y = grid_positions(shape, 64.0, margin=32.0, jitter=2.0, seed=3)
+    flux = np.full(x.size, 2e4)
+    flux[12] = 5e5  # ten times the others' weight, a hundred times in the fit
+    dx, dy = 9.0, 4.0  # about 2.8 FWHM out, beyond the central box that normalises a stamp
+    image = render_stars(
+        shape, np.r_[x, x[12] + dx], np.r_[y, y[12] + dy], np.r_[flux, 5e3], fwhm, beta=beta
+    )
+    data = (image + rng.normal(0.0, SIGMA, shape)).astype(np.float32)
+    stars = select_stars(find_sources(data, SIGMA), shape)
+    assert np.min(np.hypot(stars["x"] - x[12], stars["y"] - y[12])) < 1.0  # a PSF star
+    model = build_psf(data, stars, size=41, degree=0)
+    truth = moffat_psf(41, fwhm, beta)
+    # 0.05 with no neighbour; what is left is the fainter stars' noise filling in
+    assert abs(_bump_at(model, truth, dx, dy)) < 0.3
+    # the failure it prevents: without the search, the neighbour is in the PSF
+    monkeypatch.setattr(psf_module, "_neighbours", lambda stamp, fwhm: np.zeros(stamp.shape, bool))
+    spoilt = build_psf(data, stars, size=41, degree=0)
+    assert _bump_at(spoilt, truth, dx, dy) > 1.0  # the neighbour's light: 1.8 times the PSF
