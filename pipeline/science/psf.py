@@ -449,11 +449,6 @@ def _star_stamps(
         shifted = ndimage.shift(np.where(bad, 0.0, cut), shift, order=3, mode="nearest")
         lost = ndimage.shift(bad.astype(float), shift, order=1) > 0.01
         stamp = np.where(lost, np.nan, shifted)[pad:-pad, pad:-pad]
-        if fwhm is not None:
-            # the central box normalises the stamp: it stays whole
-            drop = _neighbours(stamp, fwhm)
-            drop[half - box : half + box + 1, half - box : half + box + 1] = False
-            stamp = np.where(drop, np.nan, stamp)
         total = float(np.sum(stamp[half - box : half + box + 1, half - box : half + box + 1]))
         if not total > 0:
             continue
@@ -461,6 +456,14 @@ def _star_stamps(
         xs.append(x)
         ys.append(y)
         fluxes.append(total)
+    if fwhm is not None and stamps:
+        # the stars at or above the median flux carry the fit (its weights go as flux²):
+        # a neighbour in a fainter one's stamp weighs little and the clipping across
+        # stars takes it out. The central box normalises a stamp: it stays whole
+        for i in np.flatnonzero(np.asarray(fluxes) >= np.median(fluxes)):
+            drop = _neighbours(stamps[i], fwhm)
+            drop[half - box : half + box + 1, half - box : half + box + 1] = False
+            stamps[i] = np.where(drop, np.nan, stamps[i])
     return np.asarray(stamps), np.asarray(xs), np.asarray(ys), np.asarray(fluxes)
 
 
